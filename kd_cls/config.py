@@ -1,0 +1,141 @@
+"""Configuration: one ``CfgNode`` of defaults, in mdistiller's schema.
+
+``get_cfg()`` returns the base nodes below plus every node that a library
+module declares next to its code through :func:`register_config` (each
+distiller adds its own ``cfg.<METHOD>`` node). Files may use ``_BASE_``.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, List
+
+from fvcore.common.config import CfgNode as _FvCfgNode
+
+__all__ = ["CfgNode", "ConfigError", "get_cfg", "register_config"]
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config file or override list (one-line message)."""
+
+
+class CfgNode(_FvCfgNode):
+    """fvcore's CfgNode (``_BASE_`` inheritance) with one-line errors for typos."""
+
+    def _typo(self, err: Exception) -> ConfigError:
+        msg = str(err.args[0]) if err.args else str(err)
+        if "Non-existent" not in msg:
+            return ConfigError(msg)
+        key = msg.rsplit(":", 1)[-1].strip()
+        flat = _flatten_keys(self)
+        close = difflib.get_close_matches(key, flat, n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        return ConfigError(f"unknown config key {key!r}.{hint}")
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        import os
+
+        if not os.path.isfile(cfg_filename):
+            raise FileNotFoundError(f"config file not found: {cfg_filename}")
+        try:
+            super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
+        except (KeyError, AssertionError) as e:
+            raise self._typo(e) from None
+
+    def merge_from_list(self, cfg_list: list) -> "CfgNode":
+        if len(cfg_list) % 2:
+            raise ConfigError(
+                f"overrides must be KEY VALUE pairs; got an odd number of items: {' '.join(map(str, cfg_list))}"
+            )
+        try:
+            super().merge_from_list(cfg_list)
+        except KeyError as e:
+            raise self._typo(e) from None
+        except AssertionError as e:
+            raise self._typo(e) from None
+        return self
+
+    def merge_from_other_cfg(self, cfg_other) -> None:
+        try:
+            super().merge_from_other_cfg(cfg_other)
+        except KeyError as e:
+            raise self._typo(e) from None
+
+
+def _flatten_keys(node, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, dict):
+            keys.extend(_flatten_keys(v, full + "."))
+    return keys
+
+
+_CONFIG_HOOKS: List[Callable[[CfgNode], None]] = []
+
+
+def register_config(fn: Callable[[CfgNode], None]) -> Callable[[CfgNode], None]:
+    """Register ``fn(cfg)``, which adds a module's own defaults to every new config."""
+    _CONFIG_HOOKS.append(fn)
+    return fn
+
+
+def _base_cfg() -> CfgNode:
+    C = CfgNode
+    cfg = C()
+
+    cfg.EXPERIMENT = C()
+    cfg.EXPERIMENT.PROJECT = "distill"
+    cfg.EXPERIMENT.NAME = ""
+    cfg.EXPERIMENT.TAG = "default"
+    cfg.EXPERIMENT.SEED = 0  # not in mdistiller: runs here are seeded
+
+    cfg.DATASET = C()
+    cfg.DATASET.TYPE = "cifar100"
+    cfg.DATASET.NUM_WORKERS = 2
+    cfg.DATASET.ROOT = "./data"  # not in mdistiller, which hard-codes ./data
+    cfg.DATASET.TEST = C()
+    cfg.DATASET.TEST.BATCH_SIZE = 64
+
+    cfg.DISTILLER = C()
+    cfg.DISTILLER.TYPE = "NONE"
+    cfg.DISTILLER.TEACHER = "ResNet50"
+    cfg.DISTILLER.STUDENT = "resnet32"
+    # Not in mdistiller: a teacher checkpoint path that overrides the default location.
+    cfg.DISTILLER.TEACHER_WEIGHTS = ""
+
+    cfg.SOLVER = C()
+    cfg.SOLVER.TRAINER = "base"
+    cfg.SOLVER.BATCH_SIZE = 64
+    cfg.SOLVER.EPOCHS = 240
+    cfg.SOLVER.LR = 0.05
+    cfg.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
+    cfg.SOLVER.LR_DECAY_RATE = 0.1
+    cfg.SOLVER.WEIGHT_DECAY = 0.0001
+    cfg.SOLVER.MOMENTUM = 0.9
+    cfg.SOLVER.TYPE = "SGD"
+    # Not in mdistiller: speed options that leave results unchanged (see README).
+    cfg.SOLVER.AMP = ""  # "", "bf16" or "fp16"
+    cfg.SOLVER.COMPILE = False
+    cfg.SOLVER.CHANNELS_LAST = True
+    cfg.SOLVER.FOLD_TEACHER_BN = True
+
+    cfg.LOG = C()
+    cfg.LOG.TENSORBOARD_FREQ = 500
+    cfg.LOG.SAVE_CHECKPOINT_FREQ = 40
+    cfg.LOG.PREFIX = "./output"
+    cfg.LOG.WANDB = False  # mdistiller defaults to True
+    cfg.LOG.EVAL_TEACHER = True  # log the teacher's own top-1 at start
+    return cfg
+
+
+def get_cfg() -> CfgNode:
+    """A fresh config of defaults, including every registered method's node."""
+    # Importing the packages runs their ``register_config`` calls.
+    import kd_cls.distillers  # noqa: F401
+    import kd_cls.optim  # noqa: F401
+
+    cfg = _base_cfg()
+    for hook in _CONFIG_HOOKS:
+        hook(cfg)
+    return cfg
