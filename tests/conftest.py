@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# CI machines have 2 cores; several test processes may share them.
+torch.set_num_threads(int(os.environ.get("KD_TEST_THREADS", "2")))
+torch.manual_seed(0)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def repo_root():
+    return REPO
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path, monkeypatch):
+    """Run a test from an empty working directory (./data, ./output resolve there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
