@@ -69,6 +69,22 @@ def build_model(name: str, num_classes: int = 100, dataset: str = "cifar100") ->
     return reg.get(name)(num_classes=num_classes)
 
 
+def family_model_names(family: str) -> List[str]:
+    """Names registered in ``family`` (one of ``FAMILIES``), without a dataset."""
+    _ensure_imported()
+    if family not in _REGISTRIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
+    return _REGISTRIES[family].names()
+
+
+def build_family_model(name: str, family: str, num_classes: int = 100) -> nn.Module:
+    """``build_model`` addressed by family (``cifar``, ``imagenet``, ``tiny_imagenet``) instead of dataset."""
+    _ensure_imported()
+    if family not in _REGISTRIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
+    return _REGISTRIES[family].get(name)(num_classes=num_classes)
+
+
 def default_weights(name: str, dataset: str = "cifar100") -> Optional[str]:
     """mdistiller's checkpoint path for teacher ``name`` on ``dataset``, or None."""
     _ensure_imported()
