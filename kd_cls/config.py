@@ -94,6 +94,11 @@ def _base_cfg() -> CfgNode:
     cfg.DATASET.TYPE = "cifar100"
     cfg.DATASET.NUM_WORKERS = 2
     cfg.DATASET.ROOT = "./data"  # not in mdistiller, which hard-codes ./data
+    # Not in mdistiller: crop/flip/normalize whole batches on the training device
+    # (bit-identical to the per-image torchvision transforms; see kd_cls.data.batch_aug).
+    cfg.DATASET.BATCH_AUG = True
+    # Not in mdistiller: keep only the first N images of each split (0: all), for smoke runs.
+    cfg.DATASET.SUBSET = 0
     cfg.DATASET.TEST = C()
     cfg.DATASET.TEST.BATCH_SIZE = 64
 
@@ -117,7 +122,7 @@ def _base_cfg() -> CfgNode:
     # Not in mdistiller: speed options that leave results unchanged (see README).
     cfg.SOLVER.AMP = ""  # "", "bf16" or "fp16"
     cfg.SOLVER.COMPILE = False
-    cfg.SOLVER.CHANNELS_LAST = True
+    cfg.SOLVER.CHANNELS_LAST = True  # applied on CUDA only, where cuDNN picks kernels anyway
     cfg.SOLVER.FOLD_TEACHER_BN = True
 
     cfg.LOG = C()

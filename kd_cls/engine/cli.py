@@ -1,0 +1,94 @@
+"""Command lines of ``tools/train.py`` and ``tools/eval.py`` (mdistiller's arguments).
+
+Expected failures (a bad name, a config typo, a missing file, an unusable
+checkpoint, a NaN loss) end with one ``error: ...`` line on stderr and exit
+status 2, before any run directory is created where possible.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from kd_cls.config import ConfigError, get_cfg
+from kd_cls.registry import UnknownNameError
+
+from .checkpoint import CheckpointError
+from .trainer import NonFiniteLossError, ResumeError
+
+__all__ = ["train_main", "eval_main", "USER_ERRORS"]
+
+USER_ERRORS = (ConfigError, UnknownNameError, FileNotFoundError, CheckpointError, ResumeError,
+               NonFiniteLossError, ValueError)
+
+
+def _fail(e: BaseException) -> int:
+    msg = str(e).strip().replace("\n", " ") or type(e).__name__
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def show_cfg(cfg) -> str:
+    """The config nodes a run uses (mdistiller's ``show_cfg``): the base nodes and the method's own."""
+    from kd_cls.config import CfgNode
+
+    view = CfgNode()
+    for key in ("EXPERIMENT", "DATASET", "DISTILLER", "SOLVER", "LOG"):
+        view[key] = cfg[key]
+    if cfg.DISTILLER.TYPE in cfg:
+        view[cfg.DISTILLER.TYPE] = cfg[cfg.DISTILLER.TYPE]
+    return view.dump()
+
+
+def load_cfg(cfg_file: str, opts: List[str]):
+    cfg = get_cfg()
+    if cfg_file:
+        cfg.merge_from_file(cfg_file)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser("tools/train.py", description="train a student, with or without a teacher")
+    parser.add_argument("--cfg", type=str, default="", help="config file (mdistiller's schema, _BASE_ allowed)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its 'latest' checkpoint")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    args = parser.parse_args(argv)
+    opts = args.opts or []
+    try:
+        cfg = load_cfg(args.cfg, opts)
+        from .distributed import is_main
+        from .launch import build_run
+        from .logger import log_msg
+
+        trainer = build_run(cfg, opts)
+        if is_main():
+            print(log_msg("CONFIG:\n" + show_cfg(cfg)), flush=True)
+            print(log_msg(f"run directory: {trainer.log_path}"), flush=True)
+        trainer.train(resume=args.resume)
+    except USER_ERRORS as e:
+        return _fail(e)
+    return 0
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    from kd_cls.data import DATASETS, get_dataset_info
+
+    get_dataset_info("cifar100")  # registers the built-in datasets
+    parser = argparse.ArgumentParser("tools/eval.py", description="top-1/top-5 of a model on a validation set")
+    parser.add_argument("-m", "--model", type=str, required=True, help="zoo model name, e.g. resnet8x4")
+    parser.add_argument("-c", "--ckpt", type=str, default="pretrain",
+                        help="checkpoint file ({'model': state_dict}, a student_* or full-state file); "
+                             "'pretrain' (default) takes the model's released teacher checkpoint")
+    parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=DATASETS.names())
+    parser.add_argument("-bs", "--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        from .launch import evaluate_checkpoint
+
+        top1, top5, loss = evaluate_checkpoint(args.model, args.ckpt, args.dataset, args.batch_size)
+    except USER_ERRORS as e:
+        return _fail(e)
+    print(f"top-1 {top1:.2f} top-5 {top5:.2f} loss {loss:.4f}", flush=True)
+    return 0
