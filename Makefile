@@ -18,6 +18,7 @@ venv: $(STAMP)
 
 demo: venv
 	$(PY) tools/demo.py $(DEMO_ARGS)
+	$(PY) tools/demo_det.py $(DEMO_DET_ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -45,7 +45,8 @@ def dkd_loss_parts(logits_student, logits_teacher, target, temperature: float):
 
     b_s = _binary_probs(F.softmax(logits_student / temperature, dim=1), gt_mask)
     b_t = _binary_probs(F.softmax(logits_teacher / temperature, dim=1), gt_mask)
-    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * temperature**2 / n
+    # clamp: when both models saturate (p == 0 for the same entry) log(0) would make 0 * inf = NaN.
+    tckd = F.kl_div(torch.log(b_s.clamp_min(torch.finfo(b_s.dtype).tiny)), b_t, reduction="sum") * temperature**2 / n
 
     offset = _MASK_OFFSET * gt_mask
     log_q_s = F.log_softmax(logits_student / temperature - offset, dim=1)

@@ -1,0 +1,63 @@
+"""Overrides and inputs for smoke tests of detection configs on the CPU (tiny images, few RoIs)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List
+
+import torch
+
+TINY_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "KD.ALLOW_RANDOM_TEACHER", "True",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "64",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "64",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "16",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "16",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "2",
+    "SOLVER.CHECKPOINT_PERIOD", "100000",
+    # Random ResNets with FrozenBN (no pretrained statistics) give losses up to ~1e7;
+    # clipping keeps the first SGD step from sending the second forward to Inf/NaN.
+    "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+    "DATALOADER.NUM_WORKERS", "0",
+    "TEST.EVAL_PERIOD", "0",
+]
+
+
+def synthetic_batch(n: int = 2, height: int = 64, width: int = 96, num_classes: int = 80, seed: int = 0) -> List[Dict]:
+    """``n`` detectron2 input dicts with random images (uint8 range, float) and two boxes each."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]))
+        inst.gt_classes = torch.randint(0, num_classes, (2,), generator=g)
+        image = torch.randint(0, 256, (3, height, width), generator=g).float()
+        out.append({"image": image, "instances": inst, "height": height, "width": width})
+    return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` intra-op threads, then restore the previous count.
+
+    Detection tests are dominated by many small ops; on a shared 2-core machine
+    one thread per process is faster than two that wait for each other.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

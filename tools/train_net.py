@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Train or evaluate a detectron2 detector, with or without distillation (RCNNKD).
+
+Same command line as detectron2's ``tools/train_net.py``::
+
+    python tools/train_net.py --config-file configs/detection/ReviewKD/ReviewKD-R18-R101.yaml \
+        --num-gpus 8 SOLVER.IMS_PER_BATCH 16
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python tools/train_net.py --config-file ... --resume
+
+Extra flag: ``--eval-teacher`` logs the teacher's COCO box AP on DATASETS.TEST before training.
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kd_det  # noqa: E402  (registers RCNNKD, backbones, the _C placeholder if needed)
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+
+from kd_det.config import get_kd_cfg  # noqa: E402
+from kd_det.data import register_config_datasets  # noqa: E402
+from kd_det.engine import KDTrainer, evaluate_teacher  # noqa: E402
+
+
+def setup(args):
+    cfg = get_kd_cfg(args.config_file, args.opts, freeze=False)
+    register_config_datasets(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = KDTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = KDTrainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(KDTrainer.test_with_TTA(cfg, model))
+        return res
+
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    if args.eval_teacher:
+        if not hasattr(trainer.model, "teacher") and not hasattr(getattr(trainer.model, "module", None), "teacher"):
+            raise SystemExit("--eval-teacher needs MODEL.META_ARCHITECTURE RCNNKD")
+        res = evaluate_teacher(cfg, trainer.model)
+        logging.getLogger("kd_det").info(f"teacher results: {res}")
+    return trainer.train()
+
+
+def build_parser():
+    parser = default_argument_parser()
+    parser.add_argument("--eval-teacher", action="store_true", help="log the teacher's COCO AP before training")
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
