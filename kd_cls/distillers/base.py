@@ -64,6 +64,8 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher
         self.fold_teacher_bn = bool(cfg.SOLVER.FOLD_TEACHER_BN) if cfg is not None else False
+        # The inference copy's weights in channels_last (NHWC convolutions), also on the CPU.
+        self.teacher_channels_last = bool(cfg.SOLVER.CHANNELS_LAST) if cfg is not None else False
         self._teacher_infer: Optional[nn.Module] = None  # built lazily, not a submodule
         self._captures: Dict[Tuple[int, tuple], FeatureCapture] = {}
         if teacher is not None:
@@ -92,6 +94,11 @@ class Distiller(nn.Module):
         """Number of parameters the method adds (as mdistiller counts them)."""
         return sum(count_params(m.parameters()) for m in self.extra_modules())
 
+    def extra_parameter_notes(self) -> List[str]:
+        """Lines for the trainer to print about learnable parameters that
+        ``get_extra_parameters()`` leaves out (to match mdistiller's count)."""
+        return []
+
     # ----- the teacher's inference copy -----
     def _apply(self, fn, *args, **kwargs):
         self._teacher_infer = None  # device/dtype moves invalidate the copy
@@ -103,15 +110,29 @@ class Distiller(nn.Module):
         self._captures = {k: v for k, v in self._captures.items() if k[0] == id(self.student)}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def teacher_for_inference(self) -> nn.Module:
+    def teacher_for_inference(self, example_input=None, taps: Sequence[str] = ()) -> nn.Module:
+        """The module that runs the teacher: ``self.teacher``, or its BN-folded inference copy.
+
+        ``example_input`` (the first batch) lets the copy be checked against the
+        teacher once; ``taps`` that folding would change keep their pairs unfolded.
+        """
         if self.teacher is None:
             raise RuntimeError(f"{type(self).__name__} needs a teacher, but none was given")
         if not self.fold_teacher_bn:
             return self.teacher
-        if self._teacher_infer is None:
-            from kd_cls.engine.fast import fold_batchnorm
+        from kd_cls.engine.fast import fold_batchnorm, fold_conflicts
 
-            self._teacher_infer = fold_batchnorm(self.teacher)
+        keep = tuple(taps)
+        old = self._teacher_infer
+        if old is not None and taps and fold_conflicts(getattr(old, "folded_pairs", {}), taps):
+            keep = tuple(dict.fromkeys(tuple(getattr(old, "kept_taps", ())) + keep))
+            self._captures = {k: v for k, v in self._captures.items() if k[0] != id(old)}
+            self._teacher_infer = None
+        if self._teacher_infer is None:
+            # Bypass nn.Module.__setattr__: the copy must stay out of state_dict() and parameters().
+            self.__dict__["_teacher_infer"] = fold_batchnorm(
+                self.teacher, keep_taps=keep, example_input=example_input, channels_last=self.teacher_channels_last
+            )
         return self._teacher_infer
 
     # ----- running the models with feature capture -----
@@ -141,7 +162,7 @@ class Distiller(nn.Module):
         Runs under ``inference_mode``; the outputs are then cloned outside it,
         since inference tensors cannot be saved for the student's backward pass.
         """
-        model = self.teacher_for_inference()
+        model = self.teacher_for_inference(image, taps)
         cap = self._capture(model, taps, detach=True) if taps else None
         with torch.inference_mode():
             if cap is not None:
