@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-step benchmark: images/s, step time (mean, p90) and peak memory, on generated data.
 
-Cases (see docs/performance.md):
+Cases (see the README's Performance section):
   a  classification DKD, resnet32x4 -> resnet8x4, batch 64, 32x32 (the trainer's own step)
   b  classification KD, ResNet34 -> ResNet18, batch 32, 224x224
   c  detection RCNNKD ReviewKD, R-101 -> R-18 FPN, batch 2, 320x480
