@@ -50,6 +50,25 @@ class TapModel(nn.Module):
         return list(self.stage_channels)
 
 
+def make_projection_stage(block, inplanes: int, planes: int, blocks: int, stride: int = 1):
+    """A ResNet stage of ``blocks`` blocks; the first gets a 1x1 conv + BN shortcut when its shape changes.
+
+    ``block(inplanes, planes, stride, downsample)`` builds one block. Returns
+    ``(stage, out_channels)`` with ``out_channels = planes * block.expansion``.
+    The module names (``<i>.downsample.0``, ...) are those of mdistiller and torchvision.
+    """
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False),
+            nn.BatchNorm2d(out),
+        )
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(out, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), out
+
+
 def kaiming_init(model: nn.Module) -> None:
     """He init of convolutions (fan_out), unit/zero BN, as in torchvision's ResNet."""
     for m in model.modules():

@@ -12,7 +12,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .common import TapModel, fan_out_normal_init
+from .common import TapModel, fan_out_normal_init, make_projection_stage
 from .registry import register_model
 
 
@@ -102,16 +102,8 @@ class ResNet(TapModel):
         fan_out_normal_init(self, zero_linear_bias=False)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        stage, self.inplanes = make_projection_stage(block, self.inplanes, planes, blocks, stride)
+        return stage
 
     def _feat_taps(self):
         # ReLU of a stage output = output of the next stage's first relu_in.
