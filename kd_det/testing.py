@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 from typing import Dict, List
 
 import torch
@@ -61,3 +63,12 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def kd_config_names(det_configs_dir: str) -> List[str]:
+    """The distillation configs under ``det_configs_dir`` (``DKD/*.yaml``, ``ReviewKD/*.yaml``), relative, sorted."""
+    return sorted(
+        os.path.relpath(p, det_configs_dir)
+        for d in ("DKD", "ReviewKD")
+        for p in glob.glob(os.path.join(det_configs_dir, d, "*.yaml"))
+    )

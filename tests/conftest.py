@@ -20,3 +20,12 @@ def in_tmp_cwd(tmp_path, monkeypatch):
     """Run a test from an empty working directory (./data, ./output resolve there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Detection tests: many small ops, faster on one intra-op thread (``KD_DET_TEST_THREADS``)."""
+    from kd_det.testing import torch_threads
+
+    with torch_threads(int(os.environ.get("KD_DET_TEST_THREADS", "1"))):
+        yield

@@ -1,6 +1,5 @@
 """The placeholder for detectron2's compiled ops, and the shapes dataset generator."""
 import json
-import os
 import sys
 import types
 
@@ -12,12 +11,7 @@ pytest.importorskip("detectron2")
 from kd_det import compat  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    from kd_det.testing import torch_threads
-
-    with torch_threads(int(os.environ.get("KD_DET_TEST_THREADS", "1"))):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_placeholder_only_without_compiled_ops(monkeypatch):

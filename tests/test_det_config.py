@@ -6,21 +6,16 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from kd_det.testing import kd_config_names  # noqa: E402
+
 from kd_det.config import ConfigError, add_kd_config, build_teacher_cfg, get_kd_cfg  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DET_CFGS = os.path.join(REPO, "configs", "detection")
-KD_CONFIGS = sorted(
-    os.path.relpath(p, DET_CFGS) for d in ("DKD", "ReviewKD") for p in glob.glob(os.path.join(DET_CFGS, d, "*.yaml"))
-)
+KD_CONFIGS = kd_config_names(DET_CFGS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    from kd_det.testing import torch_threads
-
-    with torch_threads(int(os.environ.get("KD_DET_TEST_THREADS", "1"))):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_twelve_mirrored_configs_exist():

@@ -21,12 +21,7 @@ R18_REVIEWDKD = os.path.join(REPO, "configs", "detection", "DKD", "ReviewDKD-R18
 SMALL_TEACHER = ["TEACHER.MODEL.RESNETS.DEPTH", "18", "TEACHER.MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    from kd_det.testing import torch_threads
-
-    with torch_threads(int(os.environ.get("KD_DET_TEST_THREADS", "1"))):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(*opts, path=R18_REVIEWDKD):

@@ -1,5 +1,4 @@
 """Training through tools/train_net.py's trainer: every distillation config, resume, student export."""
-import glob
 import importlib.util
 import math
 import os
@@ -8,6 +7,8 @@ import pytest
 import torch
 
 pytest.importorskip("detectron2")
+
+from kd_det.testing import kd_config_names  # noqa: E402
 
 import kd_det  # noqa: E402,F401
 from kd_det.config import get_kd_cfg  # noqa: E402
@@ -18,17 +19,10 @@ from kd_det.testing import TINY_OPTS  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DET_CFGS = os.path.join(REPO, "configs", "detection")
-KD_CONFIGS = sorted(
-    os.path.relpath(p, DET_CFGS) for d in ("DKD", "ReviewKD") for p in glob.glob(os.path.join(DET_CFGS, d, "*.yaml"))
-)
+KD_CONFIGS = kd_config_names(DET_CFGS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    from kd_det.testing import torch_threads
-
-    with torch_threads(int(os.environ.get("KD_DET_TEST_THREADS", "1"))):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,11 @@ class TapModel(nn.Module):
         return list(self.stage_channels)
 
 
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution, padding 1, no bias (followed by a BatchNorm)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
 def make_projection_stage(block, inplanes: int, planes: int, blocks: int, stride: int = 1):
     """A ResNet stage of ``blocks`` blocks; the first gets a 1x1 conv + BN shortcut when its shape changes.
 

@@ -11,14 +11,10 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .common import TapModel, kaiming_init, make_projection_stage
+from .common import TapModel, conv3x3, kaiming_init, make_projection_stage
 from .registry import register_model
 
 _TEACHERS = "download_ckpts/cifar_teachers/{}_vanilla/ckpt_epoch_240.pth"
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 class BasicBlock(nn.Module):

@@ -12,12 +12,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .common import TapModel, fan_out_normal_init, make_projection_stage
+from .common import TapModel, conv3x3, fan_out_normal_init, make_projection_stage
 from .registry import register_model
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 class BasicBlock(nn.Module):
