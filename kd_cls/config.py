@@ -122,7 +122,7 @@ def _base_cfg() -> CfgNode:
     # Not in mdistiller: speed options that leave results unchanged (see README).
     cfg.SOLVER.AMP = ""  # "", "bf16" or "fp16"
     cfg.SOLVER.COMPILE = False
-    cfg.SOLVER.CHANNELS_LAST = True  # applied on CUDA only, where cuDNN picks kernels anyway
+    cfg.SOLVER.CHANNELS_LAST = True  # NHWC convolutions: faster with oneDNN (CPU) and cuDNN
     cfg.SOLVER.FOLD_TEACHER_BN = True
 
     cfg.LOG = C()

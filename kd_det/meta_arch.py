@@ -9,7 +9,10 @@ Training step (one student pass, one teacher pass, nothing run twice):
 2. Under ``torch.inference_mode()`` the teacher runs its backbone on the same
    images (channel order flipped to the teacher's format first, then
    normalised with the teacher's mean/std) and, for logit methods, its box
-   head on the student's sampled proposal boxes.
+   head on the student's sampled proposal boxes. Both run from an inference
+   copy with the frozen BNs folded into the convolutions and NHWC weights
+   (``KD.FOLD_TEACHER_BN``, ``KD.TEACHER_CHANNELS_LAST``; :mod:`kd_det.fast`);
+   ``self.teacher`` itself is never changed.
 3. Each KD method of ``KD.TYPE`` adds its loss (``loss_reviewkd``, ``loss_dkd``).
 
 Parameter names match mdistiller's RCNNKD: the student at top level, the
@@ -35,6 +38,7 @@ from detectron2.structures import ImageList  # noqa: E402
 from kd_cls.config import ConfigError  # noqa: E402
 from kd_cls.hooks import FeatureCapture  # noqa: E402
 from kd_det.config import build_teacher_cfg, kd_type_methods  # noqa: E402
+from kd_det.fast import TeacherCopy  # noqa: E402
 from kd_det.methods import KD_METHODS, KDInputs  # noqa: E402
 
 __all__ = ["RCNNKD", "TeacherNotLoadedError", "build_teacher", "check_registered_names"]
@@ -86,6 +90,8 @@ class RCNNKD(GeneralizedRCNN):
         teacher_input_format: str,
         teacher_weights: str = "",
         allow_random_teacher: bool = False,
+        fold_teacher_bn: bool = True,
+        teacher_channels_last: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -113,6 +119,10 @@ class RCNNKD(GeneralizedRCNN):
         self._teacher_loaded_keys: set = set()
         self.register_load_state_dict_post_hook(RCNNKD._record_teacher_keys)
         self._capture: Optional[FeatureCapture] = None
+        # Not a submodule: the copy stays out of state_dict(), parameters() and .to().
+        self.__dict__["_teacher_copy"] = TeacherCopy(
+            self.teacher, ("backbone", "roi_heads"), fold=fold_teacher_bn, channels_last=teacher_channels_last
+        )
         if teacher_weights:
             from kd_det.checkpoint import load_teacher_weights
 
@@ -142,6 +152,8 @@ class RCNNKD(GeneralizedRCNN):
             teacher_input_format=tcfg.INPUT.FORMAT,
             teacher_weights=tcfg.MODEL.WEIGHTS,
             allow_random_teacher=cfg.KD.ALLOW_RANDOM_TEACHER,
+            fold_teacher_bn=cfg.KD.FOLD_TEACHER_BN,
+            teacher_channels_last=cfg.KD.TEACHER_CHANNELS_LAST,
         )
         return ret
 
@@ -206,7 +218,7 @@ class RCNNKD(GeneralizedRCNN):
         return ImageList.from_tensors(images, div)
 
     def _teacher_roi_logits(self, features, proposals) -> torch.Tensor:
-        rh = self.teacher.roi_heads
+        rh = self._teacher_copy.get("roi_heads")
         x = rh.box_pooler([features[f] for f in rh.box_in_features], [p.proposal_boxes for p in proposals])
         scores = rh.box_predictor(rh.box_head(x))
         return scores[0] if isinstance(scores, (tuple, list)) else scores
@@ -224,7 +236,7 @@ class RCNNKD(GeneralizedRCNN):
         cap.clear()
         sampled = feats[_TAP_PROPOSALS]
         with torch.inference_mode():
-            t_feats = self.teacher.backbone(self.preprocess_teacher_image(batched_inputs).tensor)
+            t_feats = self._teacher_copy.get("backbone")(self.preprocess_teacher_image(batched_inputs).tensor)
             t_logits = self._teacher_roi_logits(t_feats, sampled) if self._needs_logits else None
         # Inference tensors cannot be saved for backward; clone them into normal tensors.
         t_feats = {k: v.clone() for k, v in t_feats.items()}

@@ -228,3 +228,24 @@ def test_reviewkd_names_the_config_key_on_a_channel_mismatch(zoo):
     with pytest.raises(ValueError, match=r"REVIEWKD.IN_CHANNELS\[0\]=64") as e:
         d(image=torch.randn(2, 3, 32, 32), target=torch.tensor([0, 1]), epoch=1)
     assert "16 channels" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_abf_fuses_a_non_square_residual_at_the_features_own_size():
+    """Without ``shape`` (the FPN case), the deeper map is upsampled to ``x``'s own (h, w)."""
+    from kd_cls.distillers.reviewkd import ABF
+
+    torch.manual_seed(0)
+    abf = ABF(4, 3, 5, fuse=True).eval()  # eval: BN is a fixed affine map, easy to redo by hand
+    x, y = torch.randn(2, 4, 6, 10), torch.randn(2, 3, 3, 5)
+    out, fused = abf(x, y)
+    assert out.shape == (2, 5, 6, 10) and fused.shape == (2, 3, 6, 10)
+    with torch.no_grad():
+        x1 = abf.conv1(x)
+        y_up = y.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # nearest, exact 2x
+        att = torch.sigmoid(abf.att_conv[0](torch.cat([x1, y_up], dim=1)))
+        expected = x1 * att[:, :1] + y_up * att[:, 1:]
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(out, abf.conv2(expected))
+    # The square form with an explicit side gives the same as the default on square maps.
+    xs, ys = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(abf(xs, ys)[0], abf(xs, ys, 8, 8)[0])

@@ -94,7 +94,9 @@ def test_captured_fpn_features_equal_backbone_outputs(model, monkeypatch):
     assert list(inputs.student_features) == ["p2", "p3", "p4", "p5", "p6"]
     for k in s_ref:
         torch.testing.assert_close(inputs.student_features[k].detach(), s_ref[k])
-        torch.testing.assert_close(inputs.teacher_features[k], t_ref[k])
+        # The teacher ran from its inference copy (BNs folded, NHWC): equal within float rounding.
+        scale = float(t_ref[k].abs().max())
+        torch.testing.assert_close(inputs.teacher_features[k], t_ref[k], rtol=1e-4, atol=1e-5 * scale)
     assert inputs.student_features["p2"].requires_grad
     assert not inputs.teacher_features["p2"].requires_grad
     # Logits: one row per sampled proposal of the batch, K + 1 columns.

@@ -103,6 +103,19 @@ def test_train_step_overfits_a_batch(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_switch_sets_student_and_input_layout(tmp_path, channels_last):
+    trainer = build_run(tiny_cfg(tmp_path, "SOLVER.CHANNELS_LAST", channels_last))
+    conv_w = trainer.distiller.student.conv1.weight
+    assert conv_w.is_contiguous(memory_format=torch.channels_last) is channels_last
+    # An NHWC batch (what the CIFAR batch augmentation yields) gets the layout of the switch.
+    nhwc = torch.randn(4, 8, 8, 3).permute(0, 3, 1, 2)
+    image = trainer.unpack((nhwc, torch.zeros(4, dtype=torch.long)))[0]
+    torch.testing.assert_close(image, nhwc)
+    assert image.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert image.is_contiguous() is not channels_last
+
+
 def _momentum(opt):
     return [opt.state[p]["momentum_buffer"].clone() for g in opt.param_groups for p in g["params"]]
 

@@ -33,9 +33,12 @@ class ABF(nn.Module):
     """Attention-based fusion.
 
     ``x``: ``(N, in_channel, h, w)`` student feature; ``y``: ``(N, mid, h', w')``
-    the deeper ABF's fused map (``None`` for the first, deepest one).
-    Returns ``(out, fused)``: ``out`` is ``(N, out_channel, out_shape, out_shape)``,
-    ``fused`` is the ``(N, mid, ., .)`` map handed to the next ABF.
+    the deeper ABF's fused map (``None`` for the first, deepest one), upsampled
+    (nearest) to ``shape x shape``, or to ``(h, w)`` when ``shape`` is ``None``
+    (the detection frontend's non-square FPN levels).
+    Returns ``(out, fused)``: ``out`` is ``(N, out_channel, out_shape, out_shape)``
+    (``(h, w)`` when ``out_shape`` is ``None``), ``fused`` is the ``(N, mid, ., .)``
+    map handed to the next ABF.
     """
 
     def __init__(self, in_channel: int, mid_channel: int, out_channel: int, fuse: bool):
@@ -60,7 +63,7 @@ class ABF(nn.Module):
         if self.att_conv is not None:
             if y is None:
                 raise ValueError("ABF with fusion needs the deeper feature y")
-            y = F.interpolate(y, (shape, shape), mode="nearest")
+            y = F.interpolate(y, (shape, shape) if shape is not None else (h, w), mode="nearest")
             att = self.att_conv(torch.cat([x, y], dim=1))
             x = x * att[:, 0].view(n, 1, h, w) + y * att[:, 1].view(n, 1, h, w)
         if out_shape is not None and x.shape[-1] != out_shape:

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kd_cls.hooks import parse_tap
 
-__all__ = ["fold_batchnorm", "find_conv_bn_pairs", "fold_conflicts", "count_batchnorms"]
+__all__ = ["fold_batchnorm", "fold_into", "find_conv_bn_pairs", "fold_conflicts", "count_batchnorms"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,12 @@ def fold_conflicts(pairs: Dict[str, str], taps: Iterable[str]) -> List[str]:
 
 
 @torch.no_grad()
-def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
+def fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold an eval-mode BN into ``layer`` (``weight`` with output channels on dim 0, optional ``bias``).
+
+    ``bn`` needs ``running_mean``, ``running_var``, ``eps`` and optional affine
+    ``weight``/``bias``: ``nn.BatchNorm*d`` and detectron2's ``FrozenBatchNorm2d`` both qualify.
+    """
     # In float64, so the folded weights round once, not at every step.
     w = layer.weight.detach().double()
     mean = bn.running_mean.double()
@@ -175,7 +180,7 @@ def fold_batchnorm(model: nn.Module, keep_taps: Sequence[str] = (), example_inpu
         pairs = {c: b for c, b in pairs.items() if c not in keep_paths and b not in keep_paths}
     plain = copy.deepcopy(folded) if (example_input is not None and pairs) else None
     for layer_path, bn_path in pairs.items():
-        _fold_into(folded.get_submodule(layer_path), folded.get_submodule(bn_path))
+        fold_into(folded.get_submodule(layer_path), folded.get_submodule(bn_path))
         _set_module(folded, bn_path, nn.Identity())
     if plain is not None and not _same_outputs(plain, folded, example_input):
         logger.warning("BN folding changed the output of %s; using the unfolded copy", type(model).__name__)

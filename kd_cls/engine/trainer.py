@@ -126,7 +126,7 @@ class BaseTrainer:
         if amp not in AMP_DTYPES:
             raise ConfigError(f"unknown SOLVER.AMP {amp!r}. Valid choices: '' (off), bf16, fp16")
         self.amp_dtype = AMP_DTYPES[amp]
-        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST) and self.device.type == "cuda"
+        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST)
         self.distiller = distiller.to(self.device)
         if self.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
@@ -193,8 +193,10 @@ class BaseTrainer:
         """``(image, target, extra kwargs)`` on the training device."""
         image, target = batch[0], batch[1]
         image = image.to(self.device, non_blocking=True).float()
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        # The CIFAR batch augmentation yields NHWC batches; with SOLVER.CHANNELS_LAST off
+        # the models get plain NCHW, as the per-image pipeline gives.
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        image = image.contiguous(memory_format=fmt) if image.dim() == 4 else image
         target = target.to(self.device, non_blocking=True)
         extras = {}
         for name, value in zip(("index", "contrastive_index"), batch[2:4]):

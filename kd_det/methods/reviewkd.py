@@ -1,9 +1,11 @@
 """ReviewKD over FPN levels (Chen et al., CVPR 2021, arXiv 2104.09044): loss ``loss_reviewkd``.
 
-Attention-based fusion (ABF) modules run from the coarsest student level to the
-finest; each maps its level to the teacher's channel count while fusing the
-residual of the coarser level. The outputs are compared with the teacher's
-levels by :func:`kd_cls.losses.hcl_loss`, times ``KD.REVIEWKD.LOSS_WEIGHT``.
+Attention-based fusion modules (:class:`kd_cls.distillers.reviewkd.ABF`, the
+classification frontend's) run from the coarsest student level to the finest;
+each maps its level to the teacher's channel count while fusing the residual of
+the coarser level, upsampled to the level's own (non-square) size. The outputs
+are compared with the teacher's levels by :func:`kd_cls.losses.hcl_loss`, times
+``KD.REVIEWKD.LOSS_WEIGHT``.
 Channels come from the built models' ``backbone.output_shape()``.
 """
 from __future__ import annotations
@@ -11,35 +13,12 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd_cls.config import ConfigError
+from kd_cls.distillers.reviewkd import ABF
 from kd_cls.losses import hcl_loss
 from kd_det.methods import KDInputs, register_kd_method
-
-
-class ABF(nn.Module):
-    """Student level (N, Cin, H, W) [+ coarser residual (N, Cmid, h, w)] -> (N, Cout, H, W), residual (N, Cmid, H, W)."""
-
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
-        super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
-        )
-        # Two per-pixel weights: one for this level, one for the upsampled residual.
-        self.att_conv = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
-        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
-
-    def forward(self, x, residual=None):
-        x = self.conv1(x)
-        if self.att_conv is not None:
-            residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
-            w = self.att_conv(torch.cat([x, residual], dim=1))
-            x = x * w[:, 0:1] + residual * w[:, 1:2]
-        return self.conv2(x), x
 
 
 @register_kd_method("ReviewKD")
