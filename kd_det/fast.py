@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kd_cls.engine.fast import fold_into
+from kd_cls.engine.fast import fold_into, state_fingerprint
 from kd_det.compat import ensure_detectron2_ops
 
 ensure_detectron2_ops()
@@ -71,7 +71,7 @@ class TeacherCopy:
     ``get(part)`` returns the folded copy (or the teacher's own module when
     neither folding nor ``channels_last`` is on). A copy is rebuilt when any
     teacher parameter or buffer was modified in place, replaced, or moved since
-    it was built; the check reads each tensor's version counter and storage address.
+    it was built (:func:`kd_cls.engine.fast.state_fingerprint`).
     """
 
     def __init__(self, teacher: nn.Module, parts: Sequence[str], fold: bool = True, channels_last: bool = False):
@@ -83,10 +83,6 @@ class TeacherCopy:
         self._copies: Dict[str, nn.Module] = {}
         self._key: Optional[Tuple] = None
 
-    def _fingerprint(self) -> Tuple:
-        tensors = list(self.teacher.parameters()) + list(self.teacher.buffers())
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-
     def _build(self, part: str) -> nn.Module:
         module = getattr(self.teacher, part)
         if self.fold:
@@ -97,7 +93,7 @@ class TeacherCopy:
     def get(self, part: str) -> nn.Module:
         if not self.enabled:
             return getattr(self.teacher, part)
-        key = self._fingerprint()
+        key = state_fingerprint(self.teacher)
         if key != self._key:
             self._copies = {p: self._build(p) for p in self.parts}
             self._key = key

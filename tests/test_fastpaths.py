@@ -247,6 +247,21 @@ def test_distiller_teacher_fast_path_equals_plain_path():
     assert not fast.teacher.training
 
 
+def test_distiller_copy_follows_teacher_loads_and_moves():
+    fast, plain = _dkd(True), _dkd(False)
+    x = torch.randn(2, 3, 32, 32)
+    first = fast.teacher_for_inference(x)
+    assert fast.teacher_for_inference(x) is first  # nothing changed: the same copy
+    # A load straight into the teacher (not through the distiller) must reach the copy.
+    new_teacher = _randomize_bn(build_model("resnet20", num_classes=100), seed=9)
+    fast.teacher.load_state_dict(new_teacher.state_dict())
+    plain.teacher.load_state_dict(new_teacher.state_dict())
+    _assert_close(plain.run_teacher(x)[0], fast.run_teacher(x)[0], "logits after teacher.load_state_dict")
+    assert fast.teacher_for_inference() is not first
+    fast.double()
+    assert fast.teacher_for_inference().fc.weight.dtype == torch.float64
+
+
 def test_distiller_rebuilds_copy_for_a_conflicting_tap():
     fast, plain = _dkd(True, "wrn_16_1", "wrn_16_2"), _dkd(False, "wrn_16_1", "wrn_16_2")
     plain.load_state_dict(fast.state_dict())

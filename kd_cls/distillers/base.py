@@ -54,7 +54,8 @@ class Distiller(nn.Module):
     ``torch.inference_mode()``. When ``fold_teacher_bn`` is set, it runs
     through a separate inference copy whose BatchNorms are folded into the
     convolutions; the registered ``self.teacher`` (what checkpoints hold and
-    what OFD reads BN statistics from) is never modified.
+    what OFD reads BN statistics from) is never modified. The copy is rebuilt
+    whenever a teacher tensor was loaded, edited in place or moved since.
     """
 
     method_name = "NONE"
@@ -67,6 +68,7 @@ class Distiller(nn.Module):
         # The inference copy's weights in channels_last (NHWC convolutions), also on the CPU.
         self.teacher_channels_last = bool(cfg.SOLVER.CHANNELS_LAST) if cfg is not None else False
         self._teacher_infer: Optional[nn.Module] = None  # built lazily, not a submodule
+        self._teacher_key: tuple = ()  # state_fingerprint(teacher) when the copy was built
         self._captures: Dict[Tuple[int, tuple], FeatureCapture] = {}
         if teacher is not None:
             for p in teacher.parameters():
@@ -100,15 +102,11 @@ class Distiller(nn.Module):
         return []
 
     # ----- the teacher's inference copy -----
-    def _apply(self, fn, *args, **kwargs):
-        self._teacher_infer = None  # device/dtype moves invalidate the copy
-        self._captures = {k: v for k, v in self._captures.items() if k[0] == id(self.student)}
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._teacher_infer = None
-        self._captures = {k: v for k, v in self._captures.items() if k[0] == id(self.student)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def _drop_teacher_copy(self) -> None:
+        old = self._teacher_infer
+        if old is not None:
+            self._captures = {k: v for k, v in self._captures.items() if k[0] != id(old)}
+        self.__dict__["_teacher_infer"] = None
 
     def teacher_for_inference(self, example_input=None, taps: Sequence[str] = ()) -> nn.Module:
         """The module that runs the teacher: ``self.teacher``, or its BN-folded inference copy.
@@ -120,19 +118,23 @@ class Distiller(nn.Module):
             raise RuntimeError(f"{type(self).__name__} needs a teacher, but none was given")
         if not self.fold_teacher_bn:
             return self.teacher
-        from kd_cls.engine.fast import fold_batchnorm, fold_conflicts
+        from kd_cls.engine.fast import fold_batchnorm, fold_conflicts, state_fingerprint
 
         keep = tuple(taps)
         old = self._teacher_infer
-        if old is not None and taps and fold_conflicts(getattr(old, "folded_pairs", {}), taps):
+        key = state_fingerprint(self.teacher)
+        if old is not None and key != self._teacher_key:  # loaded, edited or moved since the copy was made
             keep = tuple(dict.fromkeys(tuple(getattr(old, "kept_taps", ())) + keep))
-            self._captures = {k: v for k, v in self._captures.items() if k[0] != id(old)}
-            self._teacher_infer = None
+            self._drop_teacher_copy()
+        elif old is not None and taps and fold_conflicts(getattr(old, "folded_pairs", {}), taps):
+            keep = tuple(dict.fromkeys(tuple(getattr(old, "kept_taps", ())) + keep))
+            self._drop_teacher_copy()
         if self._teacher_infer is None:
             # Bypass nn.Module.__setattr__: the copy must stay out of state_dict() and parameters().
             self.__dict__["_teacher_infer"] = fold_batchnorm(
                 self.teacher, keep_taps=keep, example_input=example_input, channels_last=self.teacher_channels_last
             )
+            self._teacher_key = key
         return self._teacher_infer
 
     # ----- running the models with feature capture -----

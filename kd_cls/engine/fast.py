@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kd_cls.hooks import parse_tap
 
-__all__ = ["fold_batchnorm", "fold_into", "find_conv_bn_pairs", "fold_conflicts", "count_batchnorms"]
+__all__ = ["fold_batchnorm", "fold_into", "find_conv_bn_pairs", "fold_conflicts", "count_batchnorms", "state_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +223,15 @@ def _same_outputs(a: nn.Module, b: nn.Module, example_input) -> bool:
 def count_batchnorms(model: nn.Module) -> int:
     """Number of BatchNorm modules in ``model``."""
     return sum(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def state_fingerprint(module: nn.Module) -> tuple:
+    """What an inference copy of ``module`` depends on: each parameter's and buffer's storage
+    address, in-place version counter, device and dtype.
+
+    It changes when a tensor is modified in place (``load_state_dict``, an
+    optimizer step, ``copy_``), replaced (``assign=True``) or moved (``.to``),
+    so comparing it with the value at build time tells whether a copy is stale.
+    """
+    tensors = list(module.parameters()) + list(module.buffers())
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
