@@ -28,10 +28,18 @@ __all__ = [
 
 
 def build_kd_model(cfg):
-    """Build the model a config describes (RCNNKD or a plain detector), on ``cfg.MODEL.DEVICE``."""
+    """Build the model a config describes (RCNNKD or a plain detector), on ``cfg.MODEL.DEVICE``.
+
+    With ``KD.FAST_ROI_ALIGN`` its RoIAlign layers get the fast CPU backward
+    (:mod:`kd_det.roi_align`).
+    """
     from detectron2.modeling import build_model
 
     from kd_det.meta_arch import check_registered_names
+    from kd_det.roi_align import use_fast_roi_align
 
     check_registered_names(cfg)
-    return build_model(cfg)
+    model = build_model(cfg)
+    if cfg.KD.FAST_ROI_ALIGN:
+        use_fast_roi_align(model)
+    return model

@@ -1,7 +1,9 @@
 """Training and evaluation with detectron2's ``DefaultTrainer`` for RCNNKD (and plain) detectors.
 
-``KDTrainer`` differs from ``DefaultTrainer`` in four ways:
+``KDTrainer`` differs from ``DefaultTrainer`` in five ways:
 
+* models come from :func:`kd_det.build_kd_model` (known-name checks, and the
+  fast RoIAlign backward of ``KD.FAST_ROI_ALIGN``);
 * checkpoints go through :class:`kd_det.checkpoint.KDCheckpointer` (atomic
   writes; the teacher is in them, so ``--resume`` restores it);
 * COCO evaluation uses ``COCOEvaluator(use_fast_impl=False)`` (pycocotools);
@@ -46,6 +48,14 @@ class _ExportStudent(hooks.HookBase):
 
 
 class KDTrainer(DefaultTrainer):
+    @classmethod
+    def build_model(cls, cfg):
+        from kd_det import build_kd_model
+
+        model = build_kd_model(cfg)
+        logger.info(f"Model:\n{model}")
+        return model
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")

@@ -77,6 +77,8 @@ def test_detection_case_tiny(bench, tmp_path, keep_cuda_env, capsys):
     assert r["student_plain_step_ms"] > 0 and r["teacher_forward_ms"] > 0
     assert r["parts_sum_ms"] == pytest.approx(r["student_plain_step_ms"] + r["teacher_forward_ms"], abs=0.02)
     assert r["ratio_to_parts"] == pytest.approx(r["step_ms_mean"] / r["parts_sum_ms"], rel=0.01)
+    assert r["fast_roi_align"] and r["student_fast_step_ms"] > 0
+    assert r["kd_added_ms"] == pytest.approx(r["step_ms_mean"] - r["student_fast_step_ms"], abs=0.02)
 
 
 def test_bad_arguments_name_the_choices(bench, capsys):
