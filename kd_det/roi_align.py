@@ -63,37 +63,31 @@ def _axis_samples(start, bin_size, grid, pooled: int, size: int):
     return roi, b, lo, hi, (1 - frac) * keep, frac * keep
 
 
-def sampling_matrix(
-    rois: torch.Tensor, feature_shape: Tuple[int, int, int], output_size: Tuple[int, int],
-    spatial_scale: float, sampling_ratio: int, aligned: bool, dtype: torch.dtype = torch.float32,
-):
-    """Coordinates of ``M`` for ``rois`` (R, 5) = (batch index, x1, y1, x2, y2) in image pixels.
-
-    ``feature_shape`` is (N, H, W). Returns ``(bins, pixels, weights)``, 1-d and of
-    equal length, with ``bins`` in ``[0, R * ph * pw)`` (RoI-major, then row, then
-    column) and ``pixels`` in ``[0, N * H * W)``; repeated pairs add up.
-    """
-    n_img, height, width = feature_shape
+def _geometry(rois: torch.Tensor, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool):
+    """Per RoI, in feature pixels: ``(x1, y1, width, height, grid_h, grid_w)`` as torchvision computes them."""
     ph, pw = output_size
-    rois = rois.to(dtype)
-    n_roi, dev = rois.shape[0], rois.device
-    batch = rois[:, 0].long()
-    if n_roi and (int(batch.min()) < 0 or int(batch.max()) >= n_img):
-        raise ValueError(f"RoI batch indices must lie in [0, {n_img}); got {batch.min().item()}..{batch.max().item()}")
     off = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (rois[:, j] * spatial_scale - off for j in range(1, 5))
     rw, rh = x2 - x1, y2 - y1
     if not aligned:  # torchvision forces malformed RoIs to 1x1
         rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
     if sampling_ratio > 0:
-        gh = torch.full((n_roi,), sampling_ratio, dtype=torch.long, device=dev)
+        gh = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.long, device=rois.device)
         gw = gh
     else:
         # Negative extents sample nothing in torchvision (empty loops); NaN ones neither.
         gh = torch.nan_to_num(torch.ceil(rh / ph), nan=0.0).clamp(min=0).long()
         gw = torch.nan_to_num(torch.ceil(rw / pw), nan=0.0).clamp(min=0).long()
-    inv_count = 1.0 / (gh * gw).clamp(min=1).to(dtype)
+    return x1, y1, rw, rh, gh, gw
 
+
+def _matrix(batch, geometry, feature_shape, output_size):
+    """``(bins, pixels, weights)`` of ``M`` from :func:`_geometry`'s output (see :func:`sampling_matrix`)."""
+    n_img, height, width = feature_shape
+    ph, pw = output_size
+    x1, y1, rw, rh, gh, gw = geometry
+    n_roi, dev, dtype = batch.numel(), batch.device, x1.dtype
+    inv_count = 1.0 / (gh * gw).clamp(min=1).to(dtype)
     _, by, ylo, yhi, wyl, wyh = _axis_samples(y1, rh / ph, gh, ph, height)
     _, bx, xlo, xhi, wxl, wxh = _axis_samples(x1, rw / pw, gw, pw, width)
     ny, nx = gh * ph, gw * pw
@@ -115,40 +109,54 @@ def sampling_matrix(
     return bins.repeat(4), torch.cat(pix), torch.cat(wts)
 
 
-def _roi_chunks(rois: torch.Tensor, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool):
-    """Split RoIs into runs whose sampling matrices hold at most ``_CHUNK_NNZ`` entries (one RoI at least)."""
-    ph, pw = output_size
-    if sampling_ratio > 0:
-        per = torch.full((rois.shape[0],), 4 * ph * pw * sampling_ratio ** 2, dtype=torch.long)
-    else:
-        r = rois.detach().to(torch.float64) * spatial_scale
-        rw, rh = r[:, 3] - r[:, 1], r[:, 4] - r[:, 2]
-        if not aligned:
-            rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
-        gh = torch.nan_to_num(torch.ceil(rh / ph), nan=0.0).clamp(min=0)
-        gw = torch.nan_to_num(torch.ceil(rw / pw), nan=0.0).clamp(min=0)
-        per = (4 * ph * pw * gh * gw).long().cpu()
+def _batch_index(rois: torch.Tensor, n_img: int) -> torch.Tensor:
+    batch = rois[:, 0].long()
+    if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= n_img):
+        raise ValueError(f"RoI batch indices must lie in [0, {n_img}); got {batch.min().item()}..{batch.max().item()}")
+    return batch
+
+
+def sampling_matrix(
+    rois: torch.Tensor, feature_shape: Tuple[int, int, int], output_size: Tuple[int, int],
+    spatial_scale: float, sampling_ratio: int, aligned: bool, dtype: torch.dtype = torch.float32,
+):
+    """Coordinates of ``M`` for ``rois`` (R, 5) = (batch index, x1, y1, x2, y2) in image pixels.
+
+    ``feature_shape`` is (N, H, W). Returns ``(bins, pixels, weights)``, 1-d and of
+    equal length, with ``bins`` in ``[0, R * ph * pw)`` (RoI-major, then row, then
+    column) and ``pixels`` in ``[0, N * H * W)``; repeated pairs add up.
+    """
+    rois = rois.to(dtype)
+    batch = _batch_index(rois, feature_shape[0])
+    geometry = _geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _matrix(batch, geometry, feature_shape, output_size)
+
+
+def _chunks(nnz_per_roi: torch.Tensor):
+    """Runs of RoIs ``[a, b)`` whose matrices hold at most ``_CHUNK_NNZ`` entries (one RoI at least)."""
     start, total = 0, 0
-    for i, n in enumerate(per.tolist()):
+    for i, n in enumerate(nnz_per_roi.tolist()):
         if total and total + n > _CHUNK_NNZ:
             yield start, i
             start, total = i, 0
         total += n
-    if start < rois.shape[0]:
-        yield start, rois.shape[0]
+    if start < len(nnz_per_roi):
+        yield start, len(nnz_per_roi)
 
 
 def roi_align_fast_backward(grad_out, rois, input_shape, spatial_scale: float, sampling_ratio: int, aligned: bool):
     """d(loss)/d(input) of RoIAlign: ``grad_out`` (R, C, ph, pw) -> (N, C, H, W), channels last in memory."""
     n_roi, channels, ph, pw = grad_out.shape
     n_img, _, height, width = input_shape
+    rois = rois.to(grad_out.dtype)
+    batch = _batch_index(rois, n_img)
+    geometry = _geometry(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
+    gh, gw = geometry[4], geometry[5]
     # (pixel, channel) rows: one sparse product covers every channel.
     out = grad_out.new_zeros(n_img * height * width, channels)
     g = grad_out.permute(0, 2, 3, 1).reshape(n_roi * ph * pw, channels)
-    for a, b in _roi_chunks(rois, (ph, pw), spatial_scale, sampling_ratio, aligned):
-        bins, pix, wts = sampling_matrix(
-            rois[a:b], (n_img, height, width), (ph, pw), spatial_scale, sampling_ratio, aligned, grad_out.dtype
-        )
+    for a, b in _chunks(4 * ph * pw * gh * gw):
+        bins, pix, wts = _matrix(batch[a:b], [t[a:b] for t in geometry], (n_img, height, width), (ph, pw))
         m_t = torch.sparse_coo_tensor(
             torch.stack([pix, bins]), wts, (out.shape[0], (b - a) * ph * pw), check_invariants=False
         )

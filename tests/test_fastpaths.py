@@ -37,6 +37,16 @@ def _assert_close(a, b, what):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
 
 
+def _assert_same_outputs(model, copy, taps, x, what):
+    """``copy`` gives ``model``'s logits and every tapped feature on ``x``, within float tolerance."""
+    with torch.no_grad():
+        y0, f0 = run_and_capture(model, taps, x)
+        y1, f1 = run_and_capture(copy, taps, x)
+    _assert_close(y0, y1, f"{what} logits")
+    for tap, a, b in zip(taps, f0, f1):
+        _assert_close(a, b, f"{what} tap {tap}")
+
+
 @pytest.mark.parametrize("name", ["resnet32x4", "vgg13", "wrn_40_2", "MobileNetV2", "ShuffleV1"])
 def test_folded_zoo_model_equals_original(name):
     model = _randomize_bn(build_model(name, num_classes=100), seed=1)
@@ -52,13 +62,7 @@ def test_folded_zoo_model_equals_original(name):
     assert count_batchnorms(folded) == count_batchnorms(model) - len(folded.folded_pairs)
     assert not any(p.requires_grad for p in folded.parameters())
 
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        y0, f0 = run_and_capture(model, taps, x)
-        y1, f1 = run_and_capture(folded, taps, x)
-    _assert_close(y0, y1, f"{name} logits")
-    for tap, a, b in zip(taps, f0, f1):
-        _assert_close(a, b, f"{name} tap {tap}")
+    _assert_same_outputs(model, folded, taps, torch.randn(2, 3, 32, 32), name)
 
     # The original is untouched: same tensors, BNs still there, mode unchanged.
     after = model.state_dict()
@@ -73,14 +77,8 @@ def test_folded_torchvision_resnet18_equals_original():
     folded = fold_batchnorm(model)
     assert len(folded.folded_pairs) == 20  # every BN of ResNet-18 follows a conv
     assert count_batchnorms(folded) == 0
-    x = torch.randn(2, 3, 64, 64)
     taps = ["layer1", "layer2.0.bn2", "layer4", "fc:in"]
-    with torch.no_grad():
-        y0, f0 = run_and_capture(model, taps, x)
-        y1, f1 = run_and_capture(folded, taps, x)
-    _assert_close(y0, y1, "resnet18 logits")
-    for tap, a, b in zip(taps, f0, f1):
-        _assert_close(a, b, f"resnet18 tap {tap}")
+    _assert_same_outputs(model, folded, taps, torch.randn(2, 3, 64, 64), "resnet18")
 
 
 def test_channels_last_copy_equals_original():
@@ -90,12 +88,7 @@ def test_channels_last_copy_equals_original():
     assert folded.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert model.conv1.weight.is_contiguous()  # the original keeps its layout
     x = torch.randn(2, 3, 32, 32)  # an NCHW batch, as the loaders give it
-    with torch.no_grad():
-        y0, f0 = run_and_capture(model, taps, x)
-        y1, f1 = run_and_capture(folded, taps, x)
-    _assert_close(y0, y1, "channels_last copy logits")
-    for tap, a, b in zip(taps, f0, f1):
-        _assert_close(a, b, f"channels_last copy tap {tap}")
+    _assert_same_outputs(model, folded, taps, x, "channels_last copy")
 
 
 def test_fold_formula_by_hand():

@@ -123,10 +123,11 @@ class Distiller(nn.Module):
         keep = tuple(taps)
         old = self._teacher_infer
         key = state_fingerprint(self.teacher)
-        if old is not None and key != self._teacher_key:  # loaded, edited or moved since the copy was made
-            keep = tuple(dict.fromkeys(tuple(getattr(old, "kept_taps", ())) + keep))
-            self._drop_teacher_copy()
-        elif old is not None and taps and fold_conflicts(getattr(old, "folded_pairs", {}), taps):
+        # Rebuild when the teacher was loaded, edited or moved since the copy was made, or when
+        # a new tap reads a value the copy folded away; taps kept before stay kept.
+        if old is not None and (
+            key != self._teacher_key or (taps and fold_conflicts(getattr(old, "folded_pairs", {}), taps))
+        ):
             keep = tuple(dict.fromkeys(tuple(getattr(old, "kept_taps", ())) + keep))
             self._drop_teacher_copy()
         if self._teacher_infer is None:
