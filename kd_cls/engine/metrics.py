@@ -62,17 +62,16 @@ def validate(loader, model: nn.Module, device: torch.device, autocast=None, desc
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, n
     ctx = autocast or contextlib.nullcontext
-    pbar = tqdm(total=len(loader), desc=desc, leave=False, disable=not is_main(), mininterval=1.0)
-    for batch in loader:
-        image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        with ctx():
-            logits = model(image)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, target, reduction="sum")
-        c = correct_topk(logits, target, (1, 5))
-        stats += torch.stack([c[0].double(), c[1].double(), loss.double(), torch.tensor(float(target.shape[0]), dtype=torch.float64, device=device)])
-        pbar.update()
-    pbar.close()
+    with tqdm(total=len(loader), desc=desc, leave=False, disable=not is_main(), mininterval=1.0) as pbar:
+        for batch in loader:
+            image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            with ctx():
+                logits = model(image)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, target, reduction="sum")
+            c = correct_topk(logits, target, (1, 5))
+            stats += torch.stack([c[0].double(), c[1].double(), loss.double(), torch.tensor(float(target.shape[0]), dtype=torch.float64, device=device)])
+            pbar.update()
     all_reduce_sum(stats)
     model.train(was_training)
     n = max(stats[3].item(), 1.0)

@@ -258,24 +258,24 @@ class BaseTrainer:
         sums = torch.zeros(4, dtype=torch.float64)  # loss*n, correct1, correct5, n
         pending: list = []
         num_iter = len(self.train_loader)
-        pbar = tqdm(total=num_iter, desc=f"epoch {epoch}/{cfg.SOLVER.EPOCHS}", disable=not is_main(),
-                    mininterval=1.0, dynamic_ncols=True)
-        start = time.perf_counter()
-        tb_freq = int(cfg.LOG.TENSORBOARD_FREQ)
-        for i, batch in enumerate(self.train_loader):
-            pending.append(self.train_step(batch, epoch))
-            self.global_step += 1
-            if len(pending) >= self.sync_every or i == num_iter - 1:
-                n_new = len(pending)
-                self._flush(pending, sums, epoch, i)
-                n = max(sums[3].item(), 1.0)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                pbar.update(n_new)
-                pbar.set_postfix(loss=f"{sums[0].item() / n:.4f}", top1=f"{100 * sums[1].item() / n:.2f}",
-                                 img_s=f"{sums[3].item() / elapsed:.0f}", refresh=False)
-                if tb_freq > 0 and self.global_step % tb_freq < n_new:
-                    self.logger.scalar("train/loss", sums[0].item() / n, self.global_step)
-        pbar.close()
+        # A context, so that an error mid-epoch (a NaN loss) closes the bar before it is reported.
+        with tqdm(total=num_iter, desc=f"epoch {epoch}/{cfg.SOLVER.EPOCHS}", disable=not is_main(),
+                  mininterval=1.0, dynamic_ncols=True) as pbar:
+            start = time.perf_counter()
+            tb_freq = int(cfg.LOG.TENSORBOARD_FREQ)
+            for i, batch in enumerate(self.train_loader):
+                pending.append(self.train_step(batch, epoch))
+                self.global_step += 1
+                if len(pending) >= self.sync_every or i == num_iter - 1:
+                    n_new = len(pending)
+                    self._flush(pending, sums, epoch, i)
+                    n = max(sums[3].item(), 1.0)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    pbar.update(n_new)
+                    pbar.set_postfix(loss=f"{sums[0].item() / n:.4f}", top1=f"{100 * sums[1].item() / n:.2f}",
+                                     img_s=f"{sums[3].item() / elapsed:.0f}", refresh=False)
+                    if tb_freq > 0 and self.global_step % tb_freq < n_new:
+                        self.logger.scalar("train/loss", sums[0].item() / n, self.global_step)
         if pending:
             self._flush(pending, sums, epoch, num_iter - 1)
         train_time = time.perf_counter() - start
