@@ -100,6 +100,3 @@ class TeacherCopy:
             folded = sum(getattr(c, "folded_norms", 0) for c in self._copies.values())
             logger.debug("teacher inference copy built: %d norms folded", folded)
         return self._copies[part]
-
-    def invalidate(self) -> None:
-        self._copies, self._key = {}, None

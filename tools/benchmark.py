@@ -511,7 +511,7 @@ def run_detection(args, device, tmp: str) -> Dict:
     cap = FeatureCapture(plain, ["roi_heads"])
 
     def student_step(fast: bool):
-        use_fast_roi_align(plain, fast)
+        use_fast_roi_align(plain, fast)  # each caller sets the class it times, so no reset is needed
         opt_plain.zero_grad(set_to_none=True)
         with cap:
             losses = plain(inputs)
@@ -519,7 +519,6 @@ def run_detection(args, device, tmp: str) -> Dict:
         cap.clear()
         sum(losses.values()).backward()
         opt_plain.step()
-        use_fast_roi_align(plain, False)
 
     def plain_step():  # detectron2's own GeneralizedRCNN training step of the student
         student_step(False)
