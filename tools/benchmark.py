@@ -353,7 +353,7 @@ def run_child(args, case: str, path: str, probe: bool) -> Dict:
     import subprocess
 
     cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--case", case, "--path", path,
-           "--no-plain", "--no-mem-probe", "--no-plot", "--out", tempfile.mkdtemp(prefix="kd_bench_child_")]
+           "--no-plain", "--no-mem-probe", "--no-plot"]
     env = dict(os.environ)
     if probe:
         cmd += ["--_probe", "--steps", "2", "--warmup", "1"]
@@ -364,7 +364,10 @@ def run_child(args, case: str, path: str, probe: bool) -> Dict:
         if value is not None:
             cmd += [flag, str(value)]
     cmd += ["--det-opts"] + list(args.det_opts) if args.det_opts else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    # The child's JSON line is read from its stdout; the file it also writes is thrown away.
+    with tempfile.TemporaryDirectory(prefix="kd_bench_child_") as out:
+        cmd += ["--out", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"child run failed ({' '.join(cmd)}): {proc.stderr.strip()[-2000:]}")
