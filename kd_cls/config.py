@@ -1,17 +1,19 @@
-"""Configuration: one ``CfgNode`` of defaults, in mdistiller's schema.
+"""Configuration: the ``CfgNode`` class and the base nodes of mdistiller's schema.
 
-``get_cfg()`` returns the base nodes below plus every node that a library
-module declares next to its code through :func:`register_config` (each
-distiller adds its own ``cfg.<METHOD>`` node). Files may use ``_BASE_``.
+This module is the ground floor and imports nothing from the toolkit. The full
+config is assembled at the top, as detectron2 projects do
+(``cfg = get_cfg(); add_pointrend_config(cfg)``): :func:`kd_cls.engine.get_cfg`
+takes :func:`base_cfg` and adds each method's node (declared next to the
+method's code) and the optimizer's. Files may use ``_BASE_``.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable, List
+from typing import List
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "ConfigError", "get_cfg", "register_config"]
+__all__ = ["CfgNode", "ConfigError", "base_cfg"]
 
 
 class ConfigError(ValueError):
@@ -71,16 +73,8 @@ def _flatten_keys(node, prefix: str = "") -> List[str]:
     return keys
 
 
-_CONFIG_HOOKS: List[Callable[[CfgNode], None]] = []
-
-
-def register_config(fn: Callable[[CfgNode], None]) -> Callable[[CfgNode], None]:
-    """Register ``fn(cfg)``, which adds a module's own defaults to every new config."""
-    _CONFIG_HOOKS.append(fn)
-    return fn
-
-
-def _base_cfg() -> CfgNode:
+def base_cfg() -> CfgNode:
+    """The nodes every run has: EXPERIMENT, DATASET, DISTILLER, SOLVER, LOG (mdistiller's keys and defaults)."""
     C = CfgNode
     cfg = C()
 
@@ -133,14 +127,3 @@ def _base_cfg() -> CfgNode:
     cfg.LOG.EVAL_TEACHER = True  # log the teacher's own top-1 at start
     return cfg
 
-
-def get_cfg() -> CfgNode:
-    """A fresh config of defaults, including every registered method's node."""
-    # Importing the packages runs their ``register_config`` calls.
-    import kd_cls.distillers  # noqa: F401
-    import kd_cls.optim  # noqa: F401
-
-    cfg = _base_cfg()
-    for hook in _CONFIG_HOOKS:
-        hook(cfg)
-    return cfg

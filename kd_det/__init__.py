@@ -7,12 +7,13 @@ its compiled ops, a placeholder for them is registered first (see ``compat``).
 """
 from kd_det.compat import ensure_detectron2_ops
 
+# Before any detectron2 module is imported: every kd_det submodule imports this package first.
 ensure_detectron2_ops()
 
-from kd_det import backbones, data, methods  # noqa: E402,F401
+from kd_det import backbones, data, methods, modeling  # noqa: E402,F401
+from kd_det.checkpoint import KDCheckpointer, export_student, load_teacher_weights  # noqa: E402
 from kd_det.config import add_kd_config, build_teacher_cfg, get_kd_cfg  # noqa: E402
 from kd_det.meta_arch import RCNNKD, TeacherNotLoadedError  # noqa: E402
-from kd_det.checkpoint import KDCheckpointer, export_student, load_teacher_weights  # noqa: E402
 
 __all__ = [
     "RCNNKD",

@@ -1,7 +1,7 @@
 """Checkpoints of RCNNKD models.
 
 * :class:`KDCheckpointer`: detectron2's ``DetectionCheckpointer`` that writes
-  atomically (temp file + ``os.replace``) and never lets a student-only file
+  atomically (:func:`kd_cls.checkpoint_io.atomic_save`) and never lets a student-only file
   (e.g. an ImageNet ``.pkl``, whose names detectron2 matches by suffix) write
   into the teacher.
 * :func:`load_teacher_weights`: ``TEACHER.MODEL.WEIGHTS`` (a detectron2 model-zoo
@@ -11,32 +11,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
-import torch
+from detectron2.checkpoint import DetectionCheckpointer
 
-from kd_det.compat import ensure_detectron2_ops
+from kd_cls.checkpoint_io import atomic_save
 
-ensure_detectron2_ops()
-
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-
-__all__ = ["KDCheckpointer", "export_student", "load_teacher_weights", "atomic_torch_save"]
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temp file in the same directory, then rename over ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+__all__ = ["KDCheckpointer", "export_student", "load_teacher_weights"]
 
 
 def _unwrap(model):
@@ -54,7 +34,7 @@ class KDCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
-        atomic_torch_save(data, path)
+        atomic_save(data, path)
         self.tag_last_checkpoint(basename)
 
     def _load_model(self, checkpoint):
@@ -99,5 +79,5 @@ def export_student(model, path: str) -> str:
     """Write ``{"model": student-only state dict}`` to ``path`` (atomic); returns ``path``."""
     model = _unwrap(model)
     state = model.student_state_dict() if hasattr(model, "student_state_dict") else model.state_dict()
-    atomic_torch_save({"model": {k: v.detach().cpu() for k, v in state.items()}}, path)
+    atomic_save({"model": {k: v.detach().cpu() for k, v in state.items()}}, path)
     return path

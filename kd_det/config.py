@@ -21,14 +21,11 @@ import copy
 import os
 from typing import List, Optional, Sequence
 
-from kd_det.compat import ensure_detectron2_ops
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg as _d2_get_cfg
 
-ensure_detectron2_ops()
-
-from detectron2.config import CfgNode as CN  # noqa: E402
-from detectron2.config import get_cfg as _d2_get_cfg  # noqa: E402
-
-from kd_cls.config import ConfigError  # noqa: E402
+from kd_cls.config import ConfigError
+from kd_det.modeling.fcos import add_fcos_config
 
 __all__ = [
     "ConfigError",
@@ -56,8 +53,10 @@ _OWN_TEACHER_KEYS = ("CONFIG_FILE",)
 def add_kd_config(cfg: CN) -> CN:
     """Add the KD, TEACHER, MODEL.MOBILENETV2 and DATASETS.COCO_JSON nodes to a detectron2 cfg.
 
+    Also adds ``MODEL.FCOS`` (:func:`kd_det.modeling.fcos.add_fcos_config`).
     Idempotent: a cfg that already has the nodes is returned unchanged.
     """
+    add_fcos_config(cfg)
     if "KD" in cfg and "TEACHER" in cfg:
         return cfg
     d2 = _d2_get_cfg()

@@ -18,16 +18,12 @@ import logging
 import os
 import weakref
 
-from kd_det.compat import ensure_detectron2_ops
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 
-ensure_detectron2_ops()
-
-from detectron2.engine import DefaultTrainer, hooks  # noqa: E402
-from detectron2.evaluation import COCOEvaluator  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-
-from kd_det.checkpoint import KDCheckpointer, export_student  # noqa: E402
-from kd_det.config import build_teacher_cfg  # noqa: E402
+from kd_det.checkpoint import KDCheckpointer, export_student
+from kd_det.config import build_teacher_cfg
 
 __all__ = ["KDTrainer", "STUDENT_FILE", "evaluate_teacher"]
 

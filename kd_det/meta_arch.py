@@ -27,19 +27,16 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from kd_det.compat import ensure_detectron2_ops
+from detectron2.config import configurable
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.structures import ImageList
 
-ensure_detectron2_ops()
-
-from detectron2.config import configurable  # noqa: E402
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, GeneralizedRCNN  # noqa: E402
-from detectron2.structures import ImageList  # noqa: E402
-
-from kd_cls.config import ConfigError  # noqa: E402
-from kd_cls.hooks import FeatureCapture  # noqa: E402
-from kd_det.config import build_teacher_cfg, kd_type_methods  # noqa: E402
-from kd_det.fast import TeacherCopy  # noqa: E402
-from kd_det.methods import KD_METHODS, KDInputs  # noqa: E402
+from kd_cls.config import ConfigError
+from kd_cls.hooks import FeatureCapture
+from kd_det.config import build_teacher_cfg, kd_type_methods
+from kd_cls.nn.teacher import FrozenTeacher, freeze
+from kd_det.fast import fold_detectron2_norms
+from kd_det.methods import KD_METHODS, KDInputs
 
 __all__ = ["RCNNKD", "TeacherNotLoadedError", "build_teacher", "check_registered_names"]
 
@@ -64,10 +61,7 @@ def check_registered_names(cfg, who: str = "") -> None:
 def build_teacher(teacher_cfg) -> nn.Module:
     """Build the teacher detector from its derived config: frozen, in eval mode, on CPU."""
     check_registered_names(teacher_cfg, "TEACHER.")
-    teacher = META_ARCH_REGISTRY.get(teacher_cfg.MODEL.META_ARCHITECTURE)(teacher_cfg)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
+    return freeze(META_ARCH_REGISTRY.get(teacher_cfg.MODEL.META_ARCHITECTURE)(teacher_cfg))
 
 
 def _has_box_head(model) -> bool:
@@ -96,9 +90,10 @@ class RCNNKD(GeneralizedRCNN):
     ):
         super().__init__(**kwargs)
         self.teacher = teacher
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
+        # Not a submodule: the inference copies stay out of state_dict(), parameters() and .to().
+        self.__dict__["frozen_teacher"] = FrozenTeacher(
+            teacher, fold_bn=fold_teacher_bn, channels_last=teacher_channels_last, folder=fold_detectron2_norms
+        )
         self._kd_attrs: List[str] = []
         for m in kd_methods:
             setattr(self, m.ATTR, m)
@@ -119,10 +114,6 @@ class RCNNKD(GeneralizedRCNN):
         self._teacher_loaded_keys: set = set()
         self.register_load_state_dict_post_hook(RCNNKD._record_teacher_keys)
         self._capture: Optional[FeatureCapture] = None
-        # Not a submodule: the copy stays out of state_dict(), parameters() and .to().
-        self.__dict__["_teacher_copy"] = TeacherCopy(
-            self.teacher, ("backbone", "roi_heads"), fold=fold_teacher_bn, channels_last=teacher_channels_last
-        )
         if teacher_weights:
             from kd_det.checkpoint import load_teacher_weights
 
@@ -158,11 +149,6 @@ class RCNNKD(GeneralizedRCNN):
         return ret
 
     # ------------------------------------------------------------------ state
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.train(False)
-        return self
-
     @staticmethod
     def _record_teacher_keys(module: "RCNNKD", incompatible) -> None:
         missing = {k.split("teacher.", 1)[1] for k in incompatible.missing_keys if "teacher." in k}
@@ -218,7 +204,7 @@ class RCNNKD(GeneralizedRCNN):
         return ImageList.from_tensors(images, div)
 
     def _teacher_roi_logits(self, features, proposals) -> torch.Tensor:
-        rh = self._teacher_copy.get("roi_heads")
+        rh = self.frozen_teacher.inference_module("roi_heads")
         x = rh.box_pooler([features[f] for f in rh.box_in_features], [p.proposal_boxes for p in proposals])
         scores = rh.box_predictor(rh.box_head(x))
         return scores[0] if isinstance(scores, (tuple, list)) else scores
@@ -236,7 +222,7 @@ class RCNNKD(GeneralizedRCNN):
         cap.clear()
         sampled = feats[_TAP_PROPOSALS]
         with torch.inference_mode():
-            t_feats = self._teacher_copy.get("backbone")(self.preprocess_teacher_image(batched_inputs).tensor)
+            t_feats = self.frozen_teacher.inference_module("backbone")(self.preprocess_teacher_image(batched_inputs).tensor)
             t_logits = self._teacher_roi_logits(t_feats, sampled) if self._needs_logits else None
         # Inference tensors cannot be saved for backward; clone them into normal tensors.
         t_feats = {k: v.clone() for k, v in t_feats.items()}

@@ -24,12 +24,8 @@ from typing import Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from kd_det.compat import ensure_detectron2_ops
-
-ensure_detectron2_ops()
-
-from detectron2.layers import ROIAlign  # noqa: E402
-from torchvision.ops import roi_align as tv_roi_align  # noqa: E402
+from detectron2.layers import ROIAlign
+from torchvision.ops import roi_align as tv_roi_align
 
 __all__ = ["FastROIAlign", "roi_align_fast_backward", "sampling_matrix", "use_fast_roi_align"]
 

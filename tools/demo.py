@@ -20,7 +20,7 @@ import torch
 
 def digits_cfg(out: str, name: str, method: str, teacher: str, student: str, epochs: int, extra=(),
                batch_size: int = 64):
-    from kd_cls.config import get_cfg
+    from kd_cls.engine import get_cfg
 
     cfg = get_cfg()
     stages = [max(1, int(epochs * 0.6)), max(1, int(epochs * 0.85))]

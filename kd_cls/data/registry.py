@@ -34,6 +34,4 @@ def register_dataset(info: DatasetInfo) -> DatasetInfo:
 
 
 def get_dataset_info(name: str) -> DatasetInfo:
-    import kd_cls.data  # noqa: F401  (registers the built-in datasets)
-
     return DATASETS.get(name)

@@ -101,16 +101,3 @@ def build_val(cfg, batch_size: int):
 
 INFO = register_dataset(DatasetInfo("tiny_imagenet", NUM_CLASSES, NUM_TRAIN, 64, "tiny_imagenet", build=build,
                                     build_val=build_val))
-
-
-def _register_weights_hint() -> None:
-    from kd_cls.engine.checkpoint import MDISTILLER_RELEASE, register_weights_hint
-
-    register_weights_hint(
-        "tiny_imagenet",
-        f"get the Tiny-ImageNet teachers of {MDISTILLER_RELEASE} and put them in "
-        "./download_ckpts/tiny_imagenet_teachers (ResNet18_vanilla/ti_res18)",
-    )
-
-
-_register_weights_hint()

@@ -1,4 +1,4 @@
-"""Helpers shared by the feature distillers: tap selection, shape probing, FitNet's regressor."""
+"""Helpers shared by the feature distillers: tap selection and shape probing."""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
@@ -51,38 +51,6 @@ def probe_shapes(model: nn.Module, taps: Sequence[str], input_size: Sequence[int
         for m, mode in zip(model.modules(), was_training):
             m.training = mode
     return [f.shape for f in feats]
-
-
-class ConvReg(nn.Module):
-    """FitNet's regressor: student map ``(N, Cs, Hs, Ws)`` -> teacher shape ``(N, Ct, Ht, Wt)``.
-
-    Conv 3x3 stride 2 when ``Hs == 2 Ht``; transposed conv 4x4 stride 2 when
-    ``2 Hs == Ht``; otherwise a conv of kernel ``(1 + Hs - Ht, 1 + Ws - Wt)``
-    (needs ``Hs >= Ht``). Then BN and, with ``use_relu``, ReLU.
-    """
-
-    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], use_relu: bool = True):
-        super().__init__()
-        _, s_c, s_h, s_w = s_shape
-        _, t_c, t_h, t_w = t_shape
-        if s_h == 2 * t_h:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif 2 * s_h == t_h:
-            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
-            raise ValueError(
-                f"no regressor from student map {s_h}x{s_w} to teacher map {t_h}x{t_w}; "
-                "the student map must be at least the teacher's size, or half of it"
-            )
-        self.bn = nn.BatchNorm2d(t_c)
-        self.use_relu = use_relu
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))
-        return self.relu(x) if self.use_relu else x
 
 
 def feature_pair_shapes(

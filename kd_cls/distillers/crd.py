@@ -22,20 +22,9 @@ from torch import nn
 
 from kd_cls.losses import crd_nce_loss
 from kd_cls.models import get_taps
+from kd_cls.nn.connectors import Embed
 
 from .base import Distiller, count_params, register_distiller
-
-
-class Embed(nn.Module):
-    """``(N, ...)`` features -> ``(N, dim_out)`` unit vectors."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.linear = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x.reshape(x.shape[0], -1))
-        return x / x.pow(2).sum(1, keepdim=True).sqrt()
 
 
 class ContrastMemory(nn.Module):

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from kd_cls.losses import hint_loss
 
-from ._feature_common import ConvReg, feature_pair_shapes, model_taps, pick_tap
+from kd_cls.nn.connectors import ConvReg
+
+from ._feature_common import feature_pair_shapes, model_taps, pick_tap
 from .base import Distiller, register_distiller
 
 

@@ -25,50 +25,9 @@ from torch import nn
 
 from kd_cls.losses import hcl_loss
 from kd_cls.models import get_taps
+from kd_cls.nn.connectors import ABF
 
 from .base import Distiller, register_distiller, warmup_factor
-
-
-class ABF(nn.Module):
-    """Attention-based fusion.
-
-    ``x``: ``(N, in_channel, h, w)`` student feature; ``y``: ``(N, mid, h', w')``
-    the deeper ABF's fused map (``None`` for the first, deepest one), upsampled
-    (nearest) to ``shape x shape``, or to ``(h, w)`` when ``shape`` is ``None``
-    (the detection frontend's non-square FPN levels).
-    Returns ``(out, fused)``: ``out`` is ``(N, out_channel, out_shape, out_shape)``
-    (``(h, w)`` when ``out_shape`` is ``None``), ``fused`` is the ``(N, mid, ., .)``
-    map handed to the next ABF.
-    """
-
-    def __init__(self, in_channel: int, mid_channel: int, out_channel: int, fuse: bool):
-        super().__init__()
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(in_channel, mid_channel, kernel_size=1, bias=False),
-            nn.BatchNorm2d(mid_channel),
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(mid_channel, out_channel, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(out_channel),
-        )
-        self.att_conv = (
-            nn.Sequential(nn.Conv2d(mid_channel * 2, 2, kernel_size=1), nn.Sigmoid()) if fuse else None
-        )
-        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
-
-    def forward(self, x, y=None, shape: Optional[int] = None, out_shape: Optional[int] = None):
-        n, _, h, w = x.shape
-        x = self.conv1(x)
-        if self.att_conv is not None:
-            if y is None:
-                raise ValueError("ABF with fusion needs the deeper feature y")
-            y = F.interpolate(y, (shape, shape) if shape is not None else (h, w), mode="nearest")
-            att = self.att_conv(torch.cat([x, y], dim=1))
-            x = x * att[:, 0].view(n, 1, h, w) + y * att[:, 1].view(n, 1, h, w)
-        if out_shape is not None and x.shape[-1] != out_shape:
-            x = F.interpolate(x, (out_shape, out_shape), mode="nearest")
-        return self.conv2(x), x
 
 
 @register_distiller("REVIEWKD")

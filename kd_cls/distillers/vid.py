@@ -19,13 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_cls.losses import match_spatial, vid_loss
+from kd_cls.nn.connectors import conv1x1
 
 from ._feature_common import feature_pair_shapes, model_taps
 from .base import Distiller, count_params, register_distiller
 
-
-def _conv1x1(c_in: int, c_out: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)
 
 
 @register_distiller("VID")
@@ -62,7 +60,7 @@ class VID(Distiller):
         for s_shape, t_shape in zip(s_shapes, t_shapes):
             c_s, c_t = s_shape[1], t_shape[1]
             self.regressors.append(
-                nn.Sequential(_conv1x1(c_s, c_t), nn.ReLU(), _conv1x1(c_t, c_t), nn.ReLU(), _conv1x1(c_t, c_t))
+                nn.Sequential(conv1x1(c_s, c_t), nn.ReLU(), conv1x1(c_t, c_t), nn.ReLU(), conv1x1(c_t, c_t))
             )
             self.log_scales.append(nn.Parameter(torch.full((c_t,), init_log_scale)))
 

@@ -1,5 +1,5 @@
-"""Training engine: trainer, checkpoints, metrics, logging, DDP, command lines.
+"""Training engine, the top of ``kd_cls``: the full config, the trainer (a loop with hooks),
+run checkpoints, metrics, logging, DDP and the command lines."""
+from .defaults import get_cfg
 
-Submodules are imported on use (``kd_cls.engine.trainer`` etc.), so that
-``kd_cls.engine.fast`` stays cheap to import for inference code.
-"""
+__all__ = ["get_cfg"]

@@ -10,11 +10,17 @@ import argparse
 import sys
 from typing import List, Optional
 
-from kd_cls.config import ConfigError, get_cfg
+from kd_cls.checkpoint_io import CheckpointError
+from kd_cls.config import CfgNode, ConfigError
+from kd_cls.data import DATASETS
 from kd_cls.registry import UnknownNameError
 
-from .checkpoint import CheckpointError
-from .trainer import NonFiniteLossError, ResumeError
+from .checkpoint import ResumeError
+from .defaults import get_cfg
+from .distributed import is_main
+from .hooks import NonFiniteLossError
+from .launch import build_run, evaluate_checkpoint
+from .logger import log_msg
 
 __all__ = ["train_main", "eval_main", "USER_ERRORS"]
 
@@ -30,8 +36,6 @@ def _fail(e: BaseException) -> int:
 
 def show_cfg(cfg) -> str:
     """The config nodes a run uses (mdistiller's ``show_cfg``): the base nodes and the method's own."""
-    from kd_cls.config import CfgNode
-
     view = CfgNode()
     for key in ("EXPERIMENT", "DATASET", "DISTILLER", "SOLVER", "LOG"):
         view[key] = cfg[key]
@@ -58,10 +62,6 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     opts = args.opts or []
     try:
         cfg = load_cfg(args.cfg, opts)
-        from .distributed import is_main
-        from .launch import build_run
-        from .logger import log_msg
-
         trainer = build_run(cfg, opts)
         if is_main():
             print(log_msg("CONFIG:\n" + show_cfg(cfg)), flush=True)
@@ -73,9 +73,6 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
-    from kd_cls.data import DATASETS, get_dataset_info
-
-    get_dataset_info("cifar100")  # registers the built-in datasets
     parser = argparse.ArgumentParser("tools/eval.py", description="top-1/top-5 of a model on a validation set")
     parser.add_argument("-m", "--model", type=str, required=True, help="zoo model name, e.g. resnet8x4")
     parser.add_argument("-c", "--ckpt", type=str, default="pretrain",
@@ -85,8 +82,6 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-bs", "--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     try:
-        from .launch import evaluate_checkpoint
-
         top1, top5, loss = evaluate_checkpoint(args.model, args.ckpt, args.dataset, args.batch_size)
     except USER_ERRORS as e:
         return _fail(e)

@@ -11,13 +11,18 @@ from typing import Sequence, Tuple
 
 import torch
 
+from kd_cls.checkpoint_io import load_weights_file
+from kd_cls.data import get_dataset_info
+from kd_cls.distillers import DISTILLERS, build_distiller
+from kd_cls.models import build_model, model_names
+from kd_cls.models.pretrained import MDISTILLER_RELEASE, load_pretrained, load_teacher
 from kd_cls.registry import UnknownNameError
 
-from .checkpoint import load_pretrained, load_teacher, load_weights_file, MDISTILLER_RELEASE
+from .defaults import get_cfg
 from .distributed import init_distributed, is_main
 from .logger import log_msg
 from .metrics import validate
-from .trainer import get_trainer, seed_everything
+from .trainers import get_trainer, seed_everything
 
 __all__ = ["experiment_name", "build_run", "train_from_cfg", "evaluate_checkpoint", "OVERRIDE_SEPARATOR"]
 
@@ -45,10 +50,6 @@ def experiment_name(cfg, opts: Sequence[str] = ()) -> str:
 
 def _check_names(cfg) -> None:
     """Fail on unknown dataset, method, trainer or model names before any data is read."""
-    from kd_cls.data import get_dataset_info
-    from kd_cls.distillers import DISTILLERS
-    from kd_cls.models import model_names
-
     get_dataset_info(cfg.DATASET.TYPE)
     DISTILLERS.get(cfg.DISTILLER.TYPE)
     get_trainer(cfg.SOLVER.TRAINER)
@@ -65,10 +66,6 @@ def _check_names(cfg) -> None:
 
 def build_run(cfg, opts: Sequence[str] = ()):
     """Data, models, distiller and trainer for ``cfg`` (frozen or not). Returns the trainer."""
-    from kd_cls.data import get_dataset_info
-    from kd_cls.distillers import DISTILLERS, build_distiller
-    from kd_cls.models import build_model
-
     init_distributed()
     _check_names(cfg)
     seed_everything(int(cfg.EXPERIMENT.SEED))
@@ -76,7 +73,7 @@ def build_run(cfg, opts: Sequence[str] = ()):
         torch.backends.cudnn.benchmark = True
     info = get_dataset_info(cfg.DATASET.TYPE)
     method = DISTILLERS.get(cfg.DISTILLER.TYPE)
-    with_contrastive = bool(getattr(method, "contrastive", False)) or cfg.DISTILLER.TYPE.upper() == "CRD"
+    with_contrastive = bool(getattr(method, "contrastive", False))
     train_loader, val_loader, num_data, num_classes = info.build(cfg, with_contrastive)
 
     teacher = None
@@ -107,10 +104,6 @@ def evaluate_checkpoint(model_name: str, ckpt: str = "pretrain", dataset: str = 
 
     ``ckpt="pretrain"`` takes the model's default (released) checkpoint.
     """
-    from kd_cls.config import get_cfg
-    from kd_cls.data import get_dataset_info
-    from kd_cls.models import build_model
-
     info = get_dataset_info(dataset)
     cfg = cfg.clone() if cfg is not None else get_cfg()
     cfg.defrost()

@@ -4,8 +4,10 @@
 """
 from kd_cls.registry import import_submodules as _import_submodules
 
+from .pretrained import load_pretrained, load_teacher
 from .registry import build_model, default_weights, get_taps, model_names, register_model
 
 _import_submodules(__name__, __path__)
 
-__all__ = ["build_model", "default_weights", "get_taps", "model_names", "register_model"]
+__all__ = ["build_model", "default_weights", "get_taps", "model_names", "register_model", "load_pretrained",
+           "load_teacher"]

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 from torch import nn
 
+from kd_cls.data.registry import get_dataset_info
 from kd_cls.registry import Registry, UnknownNameError
 
 FAMILIES = ("cifar", "imagenet", "tiny_imagenet")
@@ -46,13 +47,10 @@ def register_model(name: Optional[str] = None, family: str = "cifar", weights: O
 
 
 def _family_of(dataset: str) -> str:
-    from kd_cls.data.registry import get_dataset_info
-
     return get_dataset_info(dataset).model_family
 
 
 def model_names(dataset: str = "cifar100") -> List[str]:
-    _ensure_imported()
     return _REGISTRIES[_family_of(dataset)].names()
 
 
@@ -61,7 +59,6 @@ def build_model(name: str, num_classes: int = 100, dataset: str = "cifar100") ->
 
     An unknown name raises ``UnknownNameError`` listing the valid names.
     """
-    _ensure_imported()
     family = _family_of(dataset)
     reg = _REGISTRIES[family]
     if name not in reg:
@@ -69,25 +66,8 @@ def build_model(name: str, num_classes: int = 100, dataset: str = "cifar100") ->
     return reg.get(name)(num_classes=num_classes)
 
 
-def family_model_names(family: str) -> List[str]:
-    """Names registered in ``family`` (one of ``FAMILIES``), without a dataset."""
-    _ensure_imported()
-    if family not in _REGISTRIES:
-        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
-    return _REGISTRIES[family].names()
-
-
-def build_family_model(name: str, family: str, num_classes: int = 100) -> nn.Module:
-    """``build_model`` addressed by family (``cifar``, ``imagenet``, ``tiny_imagenet``) instead of dataset."""
-    _ensure_imported()
-    if family not in _REGISTRIES:
-        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
-    return _REGISTRIES[family].get(name)(num_classes=num_classes)
-
-
 def default_weights(name: str, dataset: str = "cifar100") -> Optional[str]:
     """mdistiller's checkpoint path for teacher ``name`` on ``dataset``, or None."""
-    _ensure_imported()
     return _DEFAULT_WEIGHTS.get((_family_of(dataset), name))
 
 
@@ -105,13 +85,3 @@ def get_taps(model: nn.Module) -> dict:
         )
     return fn()
 
-
-_IMPORTED = False
-
-
-def _ensure_imported() -> None:
-    global _IMPORTED
-    if not _IMPORTED:
-        import kd_cls.models  # noqa: F401  (runs every family's @register_model)
-
-        _IMPORTED = True

@@ -1,8 +1,4 @@
 """Optimizers. ``DOT`` is the distillation-oriented trainer (ICCV 2023)."""
-from kd_cls.registry import import_submodules as _import_submodules
+from .dot import DOT, add_dot_config
 
-_import_submodules(__name__, __path__)
-
-from .dot import DOT  # noqa: E402
-
-__all__ = ["DOT"]
+__all__ = ["DOT", "add_dot_config"]

@@ -37,13 +37,13 @@ from typing import Dict, Optional
 import torch
 from torch.optim.optimizer import Optimizer
 
-from kd_cls.config import CfgNode, register_config
+from kd_cls.config import CfgNode
 
-__all__ = ["DOT"]
+__all__ = ["DOT", "add_dot_config"]
 
 
-@register_config
-def _add_dot_config(cfg: CfgNode) -> None:
+def add_dot_config(cfg: CfgNode) -> None:
+    """``SOLVER.DOT``: the trainers ``dot``/``crd_dot`` read it."""
     cfg.SOLVER.DOT = CfgNode()
     # The trainer uses momenta MOMENTUM - DELTA (task) and MOMENTUM + DELTA (distillation).
     cfg.SOLVER.DOT.DELTA = 0.075

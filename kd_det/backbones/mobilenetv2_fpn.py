@@ -16,15 +16,11 @@ import math
 
 from torch import nn
 
-from kd_det.compat import ensure_detectron2_ops
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-ensure_detectron2_ops()
-
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm  # noqa: E402
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone  # noqa: E402
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool  # noqa: E402
-
-from kd_cls.config import ConfigError  # noqa: E402
+from kd_cls.config import ConfigError
 
 # (expansion t, channels c, repeats n, first stride s, name of the output after this group)
 _SETTINGS = (

@@ -5,15 +5,11 @@ detectron2's own ResNet covers depths 18/34 (``BasicBlock``) as well as
 need ``MODEL.RESNETS.RES2_OUT_CHANNELS: 64``; that is checked here with a
 one-line error because detectron2's assert does not say which key to change.
 """
-from kd_det.compat import ensure_detectron2_ops
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
-ensure_detectron2_ops()
-
-from detectron2.layers import ShapeSpec  # noqa: E402
-from detectron2.modeling.backbone import BACKBONE_REGISTRY  # noqa: E402
-from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone  # noqa: E402
-
-from kd_cls.config import ConfigError  # noqa: E402
+from kd_cls.config import ConfigError
 
 
 def check_resnet_cfg(cfg) -> None:

@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import os
 
-from kd_det.compat import ensure_detectron2_ops
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
 
-ensure_detectron2_ops()
-
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.datasets import load_coco_json  # noqa: E402
-
-from kd_det.data.shapes import SHAPES, make_shapes_dataset, split_paths  # noqa: E402
+from kd_det.data.shapes import SHAPES, make_shapes_dataset, split_paths
 
 __all__ = [
     "make_shapes_dataset",

@@ -2,7 +2,7 @@
 from torch import nn
 
 from kd_cls.losses import dkd_loss
-from kd_det.methods import KDInputs, register_kd_method
+from .base import KDInputs, register_kd_method
 
 
 @register_kd_method("DKD")

@@ -1,7 +1,7 @@
 """ReviewKD over FPN levels (Chen et al., CVPR 2021, arXiv 2104.09044): loss ``loss_reviewkd``.
 
-Attention-based fusion modules (:class:`kd_cls.distillers.reviewkd.ABF`, the
-classification frontend's) run from the coarsest student level to the finest;
+Attention-based fusion modules (:class:`kd_cls.nn.connectors.ABF`, shared with the
+classification frontend) run from the coarsest student level to the finest;
 each maps its level to the teacher's channel count while fusing the residual of
 the coarser level, upsampled to the level's own (non-square) size. The outputs
 are compared with the teacher's levels by :func:`kd_cls.losses.hcl_loss`, times
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from kd_cls.config import ConfigError
-from kd_cls.distillers.reviewkd import ABF
+from kd_cls.nn.connectors import ABF
 from kd_cls.losses import hcl_loss
-from kd_det.methods import KDInputs, register_kd_method
+from .base import KDInputs, register_kd_method
 
 
 @register_kd_method("ReviewKD")

@@ -11,10 +11,11 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from kd_det import build_kd_model, get_kd_cfg  # noqa: E402
-from kd_det.fast import TeacherCopy, fold_conv_norms  # noqa: E402
+from kd_cls.nn.teacher import FrozenTeacher  # noqa: E402
+from kd_det.fast import fold_conv_norms, fold_detectron2_norms  # noqa: E402
 from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 R18_REVIEWDKD = os.path.join(REPO, "configs", "detection", "DKD", "ReviewDKD-R18-R101.yaml")
 SMALL_TEACHER = ["TEACHER.MODEL.RESNETS.DEPTH", "18", "TEACHER.MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
 
@@ -71,20 +72,20 @@ def test_fold_conv_norms_equals_the_backbone_and_leaves_it_alone():
 
 def test_teacher_copy_is_rebuilt_when_the_teacher_changes():
     model = _build()
-    copies = TeacherCopy(model.teacher, ("backbone", "roi_heads"), fold=True, channels_last=True)
-    first = copies.get("backbone")
-    assert copies.get("backbone") is first  # nothing changed: the same copy
+    copies = FrozenTeacher(model.teacher, fold_bn=True, channels_last=True, folder=fold_detectron2_norms)
+    first = copies.inference_module("backbone")
+    assert copies.inference_module("backbone") is first  # nothing changed: the same copy
     x = torch.randn(1, 3, 64, 96)
     _random_frozen_bn(model.teacher, seed=7)  # in-place change, like a checkpoint load
-    rebuilt = copies.get("backbone")
+    rebuilt = copies.inference_module("backbone")
     assert rebuilt is not first
     with torch.inference_mode():
         _close(rebuilt(x)["p2"], model.teacher.backbone(x)["p2"], "after an in-place change")
     model.teacher.double()  # a dtype/device move replaces the storages
-    moved = copies.get("backbone")
+    moved = copies.inference_module("backbone")
     assert moved is not rebuilt and moved.bottom_up.stem.conv1.weight.dtype == torch.float64
-    off = TeacherCopy(model.teacher, ("backbone",), fold=False, channels_last=False)
-    assert off.get("backbone") is model.teacher.backbone
+    off = FrozenTeacher(model.teacher, fold_bn=False, channels_last=False)
+    assert off.inference_module("backbone") is model.teacher.backbone
 
 
 def test_rcnnkd_losses_equal_with_and_without_the_copy():
@@ -95,7 +96,7 @@ def test_rcnnkd_losses_equal_with_and_without_the_copy():
         with EventStorage():
             losses[flag] = {k: v.detach() for k, v in model(synthetic_batch()).items()}
         assert set(model.state_dict()) == keys  # the copy is not a submodule
-        assert (model._teacher_copy.enabled) is (flag == "True")
+        assert model.frozen_teacher.uses_copy is (flag == "True")
     assert set(losses["True"]) == set(losses["False"]) >= {"loss_reviewkd", "loss_dkd"}
     for k in losses["True"]:
         _close(losses["True"][k], losses["False"][k], k)

@@ -6,9 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from kd_cls.config import get_cfg
+from kd_cls.engine import get_cfg
 from kd_cls.distillers.base import build_distiller
-from kd_cls.engine.fast import count_batchnorms, find_conv_bn_pairs, fold_batchnorm, fold_conflicts
+from kd_cls.nn.bn_fold import count_batchnorms, find_conv_bn_pairs, fold_batchnorm, fold_conflicts
 from kd_cls.hooks import run_and_capture
 from kd_cls.models.registry import build_model, get_taps
 

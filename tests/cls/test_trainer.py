@@ -8,17 +8,19 @@ import warnings
 import pytest
 import torch
 
-from kd_cls.config import get_cfg
-from kd_cls.engine.checkpoint import (
+from kd_cls.engine import get_cfg
+from kd_cls.checkpoint_io import (
     CheckpointError,
     load_checkpoint,
     load_model_state,
     model_state_from_checkpoint,
-    save_checkpoint,
 )
+from kd_cls.checkpoint_io import atomic_save as save_checkpoint
+from kd_cls.engine.checkpoint import ResumeError, config_differences
+from kd_cls.engine.hooks import NonFiniteLossError
 from kd_cls.engine.launch import build_run, experiment_name
 from kd_cls.engine.metrics import accuracy, lr_at_epoch
-from kd_cls.engine.trainer import TRAINERS, NonFiniteLossError, ResumeError, config_differences, get_trainer
+from kd_cls.engine.trainers import TRAINERS, get_trainer
 from kd_cls.models import build_model
 from kd_cls.registry import UnknownNameError
 
@@ -132,7 +134,7 @@ def test_kill_after_epoch_one_then_resume_is_exact(tmp_path, monkeypatch):
     ref.train()
 
     # the same run, killed right after epoch 1 has been checkpointed
-    from kd_cls.engine.trainer import BaseTrainer
+    from kd_cls.engine.trainers import BaseTrainer
 
     original = BaseTrainer.train_epoch
 

@@ -15,7 +15,7 @@ from kd_cls.losses import dkd_loss  # noqa: E402
 from kd_det import KDCheckpointer, TeacherNotLoadedError, build_kd_model, export_student, get_kd_cfg  # noqa: E402
 from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 R18_REVIEWDKD = os.path.join(REPO, "configs", "detection", "DKD", "ReviewDKD-R18-R101.yaml")
 # An R-18 teacher keeps these tests fast; the R-101 teachers run in test_det_train.py.
 SMALL_TEACHER = ["TEACHER.MODEL.RESNETS.DEPTH", "18", "TEACHER.MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from kd_cls.config import ConfigError, get_cfg
+from kd_cls.config import ConfigError
+from kd_cls.engine import get_cfg
 from kd_cls.hooks import FeatureCapture, run_and_capture
 from kd_cls.registry import Registry, UnknownNameError
 

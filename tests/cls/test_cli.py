@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from kd_cls.engine.checkpoint import save_checkpoint
+from kd_cls.checkpoint_io import atomic_save as save_checkpoint
 from kd_cls.engine.cli import eval_main, train_main
 from kd_cls.models import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VANILLA = os.path.join(REPO, "configs", "cifar100", "vanilla.yaml")
 DKD = os.path.join(REPO, "configs", "cifar100", "dkd", "res32x4_res8x4.yaml")
 FAST = ["DATASET.SUBSET", "48", "SOLVER.BATCH_SIZE", "16", "DATASET.TEST.BATCH_SIZE", "48"]

@@ -10,7 +10,7 @@ from kd_det.testing import kd_config_names  # noqa: E402
 
 from kd_det.config import ConfigError, add_kd_config, build_teacher_cfg, get_kd_cfg  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET_CFGS = os.path.join(REPO, "configs", "detection")
 KD_CONFIGS = kd_config_names(DET_CFGS)
 
@@ -134,7 +134,8 @@ def test_missing_teacher_config_file_is_named():
 def test_baseline_configs_load():
     for path in glob.glob(os.path.join(DET_CFGS, "COCO-*", "*.yaml")):
         cfg = get_kd_cfg(path)
-        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+        arch = {"retinanet": "RetinaNet", "fcos": "FCOS"}.get(os.path.basename(path).split("_")[0], "GeneralizedRCNN")
+        assert cfg.MODEL.META_ARCHITECTURE == arch
         assert cfg.MODEL.MASK_ON is ("mask_rcnn" in path)
 
 

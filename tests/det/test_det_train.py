@@ -17,7 +17,7 @@ from kd_det.data.shapes import make_shapes_dataset  # noqa: E402
 from kd_det.engine import STUDENT_FILE, KDTrainer  # noqa: E402
 from kd_det.testing import TINY_OPTS  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET_CFGS = os.path.join(REPO, "configs", "detection")
 KD_CONFIGS = kd_config_names(DET_CFGS)
 

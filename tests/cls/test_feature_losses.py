@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kd_cls.distillers._feature_common import ConvReg
+from kd_cls.nn.connectors import ConvReg
 from kd_cls.losses import (
     at_loss,
     attention_map,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_cls.config import get_cfg
+from kd_cls.engine import get_cfg
 from kd_cls.distillers import build_distiller
 from kd_cls.losses import ofd_margins
 from kd_cls.models import build_model
@@ -39,7 +39,7 @@ HETERO = {
     "VID": ("vgg13", "MobileNetV2", 1324544),
     "SP": ("vgg13", "MobileNetV2", 0),
 }
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cifar100")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "cifar100")
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_config_loads_and_builds(method, zoo):
 
 
 def test_vid_config_trains_two_steps_on_digits(tmp_path, capsys):
-    from kd_cls.engine.checkpoint import save_checkpoint
+    from kd_cls.checkpoint_io import atomic_save as save_checkpoint
     from kd_cls.engine.launch import build_run
 
     teacher_path = str(tmp_path / "teacher.pth")

@@ -1,17 +1,16 @@
 """ImageNet / Tiny-ImageNet data and teachers, the configs of the DKD/DOT tables, and 2-step runs."""
 import glob
-import importlib.util
 import os
 
 import pytest
 import torch
 
-from kd_cls.config import get_cfg
+from kd_cls.engine import get_cfg
 from kd_cls.data import get_dataset_info
 from kd_cls.distillers import build_distiller
 from kd_cls.models import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(
     [os.path.join(REPO, "configs/cifar100", f) for f in ("crd.yaml", "reviewkd.yaml")]
     + glob.glob(os.path.join(REPO, "configs/cifar100/dot/*.yaml"))
@@ -22,11 +21,9 @@ CONFIGS = sorted(
 
 
 def _fake_trees():
-    spec = importlib.util.spec_from_file_location("make_fake_imagefolder",
-                                                  os.path.join(REPO, "tools/make_fake_imagefolder.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import kd_cls.testing
+
+    return kd_cls.testing
 
 
 def _load(path, opts=()):
@@ -93,7 +90,7 @@ OFD_IMAGENET = os.path.join(REPO, "configs/imagenet/r50_mv1/ofd.yaml")
 
 
 def _build_config(path, model_cache):
-    from kd_cls.engine.trainer import get_trainer
+    from kd_cls.engine.trainers import get_trainer
 
     cfg = _load(path)
     ds = cfg.DATASET.TYPE
@@ -148,7 +145,7 @@ def test_missing_datasets_name_the_path(tmp_path):
 
 
 def test_imagenet_teacher_is_looked_up_in_torch_hub_cache(tmp_path):
-    from kd_cls.data.imagenet import load_imagenet_teacher
+    from kd_cls.models.pretrained import load_imagenet_teacher
 
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path))

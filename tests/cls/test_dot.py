@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from kd_cls.config import ConfigError, get_cfg
+from kd_cls.config import ConfigError
+from kd_cls.engine import get_cfg
 from kd_cls.optim import DOT
 
 LR, M, M_KD, WD = 0.1, 0.8, 0.9, 0.01  # mean momentum (M + M_KD) / 2 = 0.85
@@ -126,7 +127,7 @@ class _Toy(nn.Module):
 
 def _toy_trainer(tmp_path, trainer_name, losses_fn, seen):
     from kd_cls.distillers import Distiller
-    from kd_cls.engine.trainer import get_trainer
+    from kd_cls.engine.trainers import get_trainer
 
     class Spy(Distiller):
         def forward_train(self, image, target, **kwargs):

@@ -15,7 +15,7 @@ from kd_det import build_kd_model, get_kd_cfg  # noqa: E402
 from kd_det.roi_align import FastROIAlign, sampling_matrix, use_fast_roi_align  # noqa: E402
 from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 R18_REVIEWKD = os.path.join(REPO, "configs", "detection", "ReviewKD", "ReviewKD-R18-R101.yaml")
 SMALL_TEACHER = ["TEACHER.MODEL.RESNETS.DEPTH", "18", "TEACHER.MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
 

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from kd_cls.config import get_cfg
+from kd_cls.engine import get_cfg
 from kd_cls.data import get_dataset_info
 from kd_cls.data.batch_aug import BatchAugment, DeviceLoader
 from kd_cls.data.transforms import make_test_transform
@@ -124,14 +124,9 @@ def test_digits_loaders_and_subset():
 
 
 def _write_fake_cifar(root, n_train=5, n_test=3):
-    folder = os.path.join(root, "cifar-100-python")
-    os.makedirs(folder)
-    rng = np.random.RandomState(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        data = rng.randint(0, 256, (n, 3072)).astype(np.uint8)
-        with open(os.path.join(folder, split), "wb") as f:
-            pickle.dump({"data": data, "fine_labels": list(range(n)), "coarse_labels": [0] * n}, f)
-    return folder
+    from kd_cls.testing import write_cifar100
+
+    return write_cifar100(root, n_train, n_test)
 
 
 def test_cifar100_missing_is_a_clear_error(in_tmp_cwd):

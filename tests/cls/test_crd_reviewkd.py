@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_cls.config import get_cfg
+from kd_cls.engine import get_cfg
 from kd_cls.data.crd_sample import ContrastiveSampleDataset
 from kd_cls.distillers import build_distiller
 from kd_cls.losses import crd_nce_loss
@@ -232,7 +232,7 @@ def test_reviewkd_names_the_config_key_on_a_channel_mismatch(zoo):
 
 def test_abf_fuses_a_non_square_residual_at_the_features_own_size():
     """Without ``shape`` (the FPN case), the deeper map is upsampled to ``x``'s own (h, w)."""
-    from kd_cls.distillers.reviewkd import ABF
+    from kd_cls.nn.connectors import ABF
 
     torch.manual_seed(0)
     abf = ABF(4, 3, 5, fuse=True).eval()  # eval: BN is a fixed affine map, easy to redo by hand
