@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REQUIRED = ("case", "device", "images_per_s", "step_ms_mean", "step_ms_p90", "peak_mem_mb")
 
 
