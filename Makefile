@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kd-installed
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q -n 2
 
 .PHONY: venv demo test bench clean
 

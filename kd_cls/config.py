@@ -13,7 +13,7 @@ from typing import List
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "ConfigError", "base_cfg"]
+__all__ = ["CfgNode", "ConfigError", "base_cfg", "config_key_error"]
 
 
 class ConfigError(ValueError):
@@ -24,14 +24,7 @@ class CfgNode(_FvCfgNode):
     """fvcore's CfgNode (``_BASE_`` inheritance) with one-line errors for typos."""
 
     def _typo(self, err: Exception) -> ConfigError:
-        msg = str(err.args[0]) if err.args else str(err)
-        if "Non-existent" not in msg:
-            return ConfigError(msg)
-        key = msg.rsplit(":", 1)[-1].strip()
-        flat = _flatten_keys(self)
-        close = difflib.get_close_matches(key, flat, n=3)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        return ConfigError(f"unknown config key {key!r}.{hint}")
+        return config_key_error(self, err)
 
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
         import os
@@ -61,6 +54,21 @@ class CfgNode(_FvCfgNode):
             super().merge_from_other_cfg(cfg_other)
         except KeyError as e:
             raise self._typo(e) from None
+
+
+def config_key_error(node, err: Exception, where: str = "") -> ConfigError:
+    """A one-line ``ConfigError`` for a yacs/fvcore merge error, with "did you mean" for an unknown key.
+
+    Works for any ``CfgNode`` (detectron2's too); ``where`` (a file name) prefixes the message.
+    """
+    msg = str(err.args[0]) if err.args else str(err)
+    prefix = f"{where}: " if where else ""
+    if "Non-existent" not in msg:
+        return ConfigError(prefix + msg.replace("\n", " "))
+    key = msg.rsplit(":", 1)[-1].strip()
+    close = difflib.get_close_matches(key, _flatten_keys(node), n=3)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"{prefix}unknown config key {key!r}.{hint}")
 
 
 def _flatten_keys(node, prefix: str = "") -> List[str]:

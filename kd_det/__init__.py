@@ -1,9 +1,11 @@
-"""kd_det: knowledge distillation for detectron2 detectors (ReviewKD, DKD, ReviewDKD).
+"""kd_det: knowledge distillation for detectron2 detectors of any family.
 
 Importing it registers, in detectron2's registries, the ``RCNNKD``
-meta-architecture and the ``build_resnet_fpn_backbone_kd`` /
-``build_mobilenetv2_fpn_backbone`` backbones. Where detectron2 was built without
-its compiled ops, a placeholder for them is registered first (see ``compat``).
+meta-architecture (mdistiller's name), a yacs-configurable ``FCOS`` and the
+``build_resnet_fpn_backbone_kd`` / ``build_mobilenetv2_fpn_backbone`` /
+``build_fcos_resnet_fpn_backbone`` backbones, plus the built-in KD methods.
+Where detectron2 was built without its compiled ops, a placeholder for them is
+registered first (see ``compat``).
 """
 from kd_det.compat import ensure_detectron2_ops
 
@@ -11,36 +13,26 @@ from kd_det.compat import ensure_detectron2_ops
 ensure_detectron2_ops()
 
 from kd_det import backbones, data, methods, modeling  # noqa: E402,F401
+from kd_det.build import build_kd_model  # noqa: E402
 from kd_det.checkpoint import KDCheckpointer, export_student, load_teacher_weights  # noqa: E402
-from kd_det.config import add_kd_config, build_teacher_cfg, get_kd_cfg  # noqa: E402
-from kd_det.meta_arch import RCNNKD, TeacherNotLoadedError  # noqa: E402
+from kd_det.config import add_kd_config, get_kd_cfg  # noqa: E402
+from kd_det.distiller import DetectionDistiller, TeacherNotLoadedError  # noqa: E402
+from kd_det.mdistiller import RCNNKD  # noqa: E402
+from kd_det.methods import KD_METHODS, KDMethod, register_kd_method  # noqa: E402
+from kd_det.teacher_cfg import build_teacher_cfg  # noqa: E402
 
 __all__ = [
+    "DetectionDistiller",
+    "KDCheckpointer",
+    "KDMethod",
+    "KD_METHODS",
     "RCNNKD",
     "TeacherNotLoadedError",
-    "KDCheckpointer",
     "add_kd_config",
     "build_kd_model",
     "build_teacher_cfg",
     "export_student",
     "get_kd_cfg",
     "load_teacher_weights",
+    "register_kd_method",
 ]
-
-
-def build_kd_model(cfg):
-    """Build the model a config describes (RCNNKD or a plain detector), on ``cfg.MODEL.DEVICE``.
-
-    With ``KD.FAST_ROI_ALIGN`` its RoIAlign layers get the fast CPU backward
-    (:mod:`kd_det.roi_align`).
-    """
-    from detectron2.modeling import build_model
-
-    from kd_det.meta_arch import check_registered_names
-    from kd_det.roi_align import use_fast_roi_align
-
-    check_registered_names(cfg)
-    model = build_model(cfg)
-    if cfg.KD.FAST_ROI_ALIGN:
-        use_fast_roi_align(model)
-    return model

@@ -6,11 +6,13 @@
   into the teacher.
 * :func:`load_teacher_weights`: ``TEACHER.MODEL.WEIGHTS`` (a detectron2 model-zoo
   ``.pkl`` or a ``.pth``) into ``model.teacher`` alone.
-* :func:`export_student`: a file that loads into a plain ``GeneralizedRCNN``.
+* :func:`export_student`: a file that loads into the plain detector of the student's family.
 """
 from __future__ import annotations
 
 import os
+
+from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 
@@ -20,7 +22,7 @@ __all__ = ["KDCheckpointer", "export_student", "load_teacher_weights"]
 
 
 def _unwrap(model):
-    return model.module if hasattr(model, "module") and not hasattr(model, "teacher") else model
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
 class KDCheckpointer(DetectionCheckpointer):

@@ -1,113 +1,43 @@
-"""Config for detection distillation: ``add_kd_config`` and the derived teacher config.
+"""Config for detection distillation: ``add_kd_config`` and ``get_kd_cfg``.
+
+A distillation config is complete with three things: ``_BASE_: <a student
+detector config>``, ``TEACHER.CONFIG_FILE: <a teacher detector config>`` (a
+path, or a detectron2 model-zoo name) and a non-empty ``KD.METHODS``. Keys:
+
+* ``KD.METHODS``: method names, run together (``[]``: plain training);
+* ``KD.<METHOD>.*``: each method's keys, declared in its own file;
+* ``KD.IMPORTS``: modules (or ``.py`` paths) imported before anything else, so
+  a user's own methods register (as mmengine's ``custom_imports``);
+* ``KD.INHERIT``: ``["neck"]``, ``["head"]`` or both: initialise those parts of
+  the student from the teacher (same family);
+* ``KD.TYPE``: mdistiller's method choice, read only for ``RCNNKD``;
+* ``KD.ALLOW_RANDOM_TEACHER`` (tests, benchmarks), ``KD.FOLD_TEACHER_BN``,
+  ``KD.TEACHER_CHANNELS_LAST``, ``KD.FAST_ROI_ALIGN`` (speed, same results);
+* ``TEACHER.*``: the teacher's overrides (see :mod:`kd_det.teacher_cfg`).
 
 Keys keep mdistiller's names (``KD.TYPE``, ``KD.DKD.*``, ``KD.REVIEWKD.*``,
 ``TEACHER.*``, ``MODEL.MOBILENETV2.*``) so its detection configs load unchanged.
-
-The ``TEACHER`` node holds only overrides. The teacher's full config is built
-by :func:`build_teacher_cfg`, in this order (later wins):
-
-1. detectron2's defaults (plus this module's additions);
-2. ``TEACHER.CONFIG_FILE``, if set (any detectron2 config file);
-3. every key given under ``TEACHER`` (``TEACHER.MODEL.RESNETS.DEPTH: 101``...).
-   The four declared keys ``TEACHER.MODEL.WEIGHTS``, ``TEACHER.MODEL.PIXEL_MEAN``,
-   ``TEACHER.MODEL.PIXEL_STD`` and ``TEACHER.INPUT.FORMAT`` apply only where they
-   differ from detectron2's defaults, so they do not mask a teacher config file;
-4. keys shared with the student: ``MODEL.DEVICE``, ``DATASETS.TRAIN/TEST`` and
-   the number of classes (a teacher that sets a different count is an error).
 """
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import os
+import sys
 from typing import List, Optional, Sequence
 
+import yaml
+
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg as _d2_get_cfg
 
-from kd_cls.config import ConfigError
-from kd_det.modeling.fcos import add_fcos_config
+from kd_cls.config import ConfigError, config_key_error
 
-__all__ = [
-    "ConfigError",
-    "add_kd_config",
-    "build_teacher_cfg",
-    "get_kd_cfg",
-    "merge_kd_opts",
-    "KD_TYPES",
-]
+from .defaults import add_kd_config, d2_defaults
+from .teacher_cfg import KD_TYPES, build_teacher_cfg, config_chain, kd_method_names, resolve_teacher_config_file
 
-#: Valid ``KD.TYPE`` values and the methods each one runs.
-KD_TYPES = {"ReviewKD": ("ReviewKD",), "DKD": ("DKD",), "ReviewDKD": ("ReviewKD", "DKD")}
-
-# TEACHER keys that exist before any file is merged; they count as teacher
-# overrides only when they differ from detectron2's default.
-_DECLARED_TEACHER_KEYS = (
-    ("MODEL", "WEIGHTS"),
-    ("MODEL", "PIXEL_MEAN"),
-    ("MODEL", "PIXEL_STD"),
-    ("INPUT", "FORMAT"),
-)
-_OWN_TEACHER_KEYS = ("CONFIG_FILE",)
-
-
-def add_kd_config(cfg: CN) -> CN:
-    """Add the KD, TEACHER, MODEL.MOBILENETV2 and DATASETS.COCO_JSON nodes to a detectron2 cfg.
-
-    Also adds ``MODEL.FCOS`` (:func:`kd_det.modeling.fcos.add_fcos_config`).
-    Idempotent: a cfg that already has the nodes is returned unchanged.
-    """
-    add_fcos_config(cfg)
-    if "KD" in cfg and "TEACHER" in cfg:
-        return cfg
-    d2 = _d2_get_cfg()
-
-    cfg.MODEL.MOBILENETV2 = CN()
-    cfg.MODEL.MOBILENETV2.OUT_FEATURES = ["m2"]
-    cfg.MODEL.MOBILENETV2.NORM = "FrozenBN"
-    cfg.MODEL.MOBILENETV2.WIDTH_MULT = 1.0
-
-    # Extra COCO-json datasets: [[name, json_file, image_root], ...], registered at start-up.
-    cfg.DATASETS.COCO_JSON = []
-
-    cfg.KD = CN()
-    cfg.KD.TYPE = "DKD"
-    # Tests and benchmarks only: train against a teacher whose weights were never loaded.
-    cfg.KD.ALLOW_RANDOM_TEACHER = False
-    # Speed only, results equal within float rounding: the teacher runs from an
-    # inference copy with its frozen BNs folded into the convolutions, in NHWC.
-    cfg.KD.FOLD_TEACHER_BN = True
-    cfg.KD.TEACHER_CHANNELS_LAST = True
-    # Speed only, gradients equal within float rounding: RoIAlign's CPU backward
-    # as one sparse product (kd_det.roi_align), for every detector built here.
-    cfg.KD.FAST_ROI_ALIGN = True
-    cfg.KD.DKD = CN()
-    cfg.KD.DKD.ALPHA = 1.0
-    cfg.KD.DKD.BETA = 0.25
-    cfg.KD.DKD.T = 1.0
-    cfg.KD.REVIEWKD = CN()
-    cfg.KD.REVIEWKD.LOSS_WEIGHT = 1.0
-    # ABF width; 0 takes the student's FPN channel count.
-    cfg.KD.REVIEWKD.MID_CHANNELS = 0
-    # Per-level channels of student / teacher FPN. Empty: read from the built
-    # models. If set, they must match the models (a guard for copied configs).
-    cfg.KD.REVIEWKD.IN_CHANNELS = []
-    cfg.KD.REVIEWKD.OUT_CHANNELS = []
-
-    cfg.TEACHER = CN(new_allowed=True)
-    cfg.TEACHER.CONFIG_FILE = ""
-    cfg.TEACHER.MODEL = CN(new_allowed=True)
-    cfg.TEACHER.MODEL.WEIGHTS = ""
-    cfg.TEACHER.MODEL.PIXEL_MEAN = list(d2.MODEL.PIXEL_MEAN)
-    cfg.TEACHER.MODEL.PIXEL_STD = list(d2.MODEL.PIXEL_STD)
-    cfg.TEACHER.INPUT = CN(new_allowed=True)
-    cfg.TEACHER.INPUT.FORMAT = d2.INPUT.FORMAT
-    return cfg
-
-
-def _d2_defaults() -> CN:
-    cfg = _d2_get_cfg()
-    add_kd_config(cfg)
-    return cfg
+__all__ = ["ConfigError", "add_kd_config", "build_teacher_cfg", "get_kd_cfg", "merge_kd_opts", "KD_TYPES",
+           "import_kd_modules"]
 
 
 def _lookup(node, keys: Sequence[str]):
@@ -137,129 +67,95 @@ def merge_kd_opts(cfg: CN, opts: Optional[List[str]]) -> CN:
             continue
         except KeyError:
             pass
-        defaults = defaults or _d2_defaults()
+        defaults = defaults or d2_defaults()
         try:
             default = _lookup(defaults, parts[1:])
         except KeyError:
-            raise ConfigError(
-                f"unknown config key {key!r}: {'.'.join(parts[1:])!r} is not a detectron2 config key"
-            ) from None
+            e = KeyError(f"Non-existent config key: {'.'.join(parts[1:])}")
+            raise ConfigError(f"{key!r}: " + str(config_key_error(defaults, e))) from None
         node = cfg.TEACHER
         for p in parts[1:-1]:
             if p not in node:
                 node[p] = CN(new_allowed=True)
             node = node[p]
         node[parts[-1]] = copy.deepcopy(default)
-    _merge_list(cfg, opts)
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, AssertionError, ValueError) as e:
+        raise config_key_error(cfg, e) from None
     cfg.TEACHER.set_new_allowed(True)
     return cfg
 
 
-def _merge_list(cfg: CN, opts: List[str]) -> None:
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, AssertionError) as e:
-        raise ConfigError(str(e.args[0] if e.args else e)) from None
-
-
-def get_kd_cfg(config_file: Optional[str] = None, opts: Optional[List[str]] = None, freeze: bool = True) -> CN:
-    """detectron2's defaults + :func:`add_kd_config` + a config file + ``KEY VALUE`` overrides.
-
-    Validates ``KD.TYPE`` and the teacher config (see :func:`build_teacher_cfg`).
-    """
-    cfg = _d2_defaults()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file not found: {config_file}")
+# ----------------------------------------------------------------------------- KD.IMPORTS
+def _raw_value(chain_dicts: List[dict], keys: Sequence[str], opts: Sequence[str]):
+    """The value of ``KD.X`` as the file chain and the overrides set it (None if never set)."""
+    dotted = ".".join(keys)
+    for k, v in zip(opts[0::2], opts[1::2]):
+        if k == dotted:
+            return yaml.safe_load(v) if isinstance(v, str) else v
+    for d in chain_dicts:  # main file first
         try:
-            cfg.merge_from_file(config_file)
-        except KeyError as e:
-            raise ConfigError(f"{config_file}: {e.args[0] if e.args else e}") from None
-        cfg.TEACHER.set_new_allowed(True)
-    merge_kd_opts(cfg, opts)
-    check_kd_cfg(cfg)
-    if freeze:
-        cfg.freeze()
-    return cfg
-
-
-def check_kd_cfg(cfg: CN) -> None:
-    """Raise ConfigError for an unknown KD.TYPE; build the teacher config to validate it."""
-    if cfg.MODEL.META_ARCHITECTURE != "RCNNKD":
-        return
-    kd_type_methods(cfg.KD.TYPE)
-    build_teacher_cfg(cfg)
-
-
-def kd_type_methods(kd_type: str):
-    if kd_type not in KD_TYPES:
-        raise ConfigError(f"unknown KD.TYPE {kd_type!r}. Valid choices: {', '.join(KD_TYPES)}")
-    return KD_TYPES[kd_type]
-
-
-def _teacher_overrides(cfg: CN) -> CN:
-    """The TEACHER node without this project's own keys and without unchanged declared defaults."""
-    over = copy.deepcopy(cfg.TEACHER)
-    over.defrost()
-    for k in _OWN_TEACHER_KEYS:
-        over.pop(k, None)
-    d2 = _d2_get_cfg()
-    for node, key in _DECLARED_TEACHER_KEYS:
-        if node in over and key in over[node] and _same(over[node][key], d2[node][key]):
-            over[node].pop(key)
-    return over
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def _explicit_num_classes(cfg: CN, teacher_file_dict: Optional[dict]) -> Optional[int]:
-    for src in (cfg.TEACHER, teacher_file_dict or {}):
-        try:
-            return int(_lookup(src, ("MODEL", "ROI_HEADS", "NUM_CLASSES")))
+            return _lookup(d, keys)
         except KeyError:
             continue
     return None
 
 
-def build_teacher_cfg(cfg: CN) -> CN:
-    """The teacher's full detectron2 config, derived from the student's ``cfg`` (frozen)."""
-    t = _d2_defaults()
-    file_dict = None
-    if cfg.TEACHER.CONFIG_FILE:
-        path = cfg.TEACHER.CONFIG_FILE
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"TEACHER.CONFIG_FILE not found: {path}")
-        file_dict = CN.load_yaml_with_base(path, allow_unsafe=True)
+def import_kd_modules(names: Sequence[str]) -> None:
+    """Import ``KD.IMPORTS`` entries: dotted module names, or paths of ``.py`` files."""
+    for name in names:
         try:
-            t.merge_from_file(path)
-        except KeyError as e:
-            raise ConfigError(f"TEACHER.CONFIG_FILE {path}: {e.args[0] if e.args else e}") from None
-    try:
-        t.merge_from_other_cfg(_teacher_overrides(cfg))
-    except KeyError as e:
-        msg = str(e.args[0] if e.args else e)
-        raise ConfigError(f"bad teacher override under TEACHER: {msg}") from None
+            if str(name).endswith(".py"):
+                path = os.path.abspath(name)
+                mod_name = "kd_user_" + os.path.splitext(os.path.basename(path))[0]
+                if mod_name in sys.modules:
+                    continue
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"no file {path}")
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(str(name))
+        except Exception as e:  # any failure of user code is reported in one line
+            raise ConfigError(f"KD.IMPORTS: cannot import {name!r} ({type(e).__name__}: {e}); give a module "
+                              "on PYTHONPATH or the path of a .py file") from None
 
-    if t.MODEL.META_ARCHITECTURE == "RCNNKD":
-        raise ConfigError(
-            "the teacher's MODEL.META_ARCHITECTURE is 'RCNNKD'; a teacher is a plain detector, "
-            "e.g. 'GeneralizedRCNN' (set TEACHER.MODEL.META_ARCHITECTURE)"
-        )
-    t.MODEL.DEVICE = cfg.MODEL.DEVICE
-    t.DATASETS.TRAIN = tuple(cfg.DATASETS.TRAIN)
-    t.DATASETS.TEST = tuple(cfg.DATASETS.TEST)
-    student_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    explicit = _explicit_num_classes(cfg, file_dict)
-    if explicit is not None and explicit != student_classes:
-        raise ConfigError(
-            f"class-count mismatch: teacher MODEL.ROI_HEADS.NUM_CLASSES={explicit} but the student has "
-            f"{student_classes}; teacher and student must predict the same classes"
-        )
-    t.MODEL.ROI_HEADS.NUM_CLASSES = student_classes
-    t.MODEL.RETINANET.NUM_CLASSES = student_classes
-    t.freeze()
-    return t
+
+def get_kd_cfg(config_file: Optional[str] = None, opts: Optional[List[str]] = None, freeze: bool = True) -> CN:
+    """detectron2's defaults + :func:`add_kd_config` + a config file + ``KEY VALUE`` overrides.
+
+    ``KD.IMPORTS`` are imported first; ``TEACHER.CONFIG_FILE`` is resolved (see
+    :func:`kd_det.teacher_cfg.resolve_teacher_config_file`); the KD keys and the
+    teacher config are validated.
+    """
+    opts = list(opts or [])
+    chain = config_chain(config_file) if config_file else []
+    chain_dicts = [d for _, d in chain]
+    import_kd_modules(_raw_value(chain_dicts, ("KD", "IMPORTS"), opts) or [])
+    cfg = d2_defaults()
+    if config_file:
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, AssertionError, ValueError) as e:
+            raise config_key_error(cfg, e, where=config_file) from None
+        cfg.TEACHER.set_new_allowed(True)
+    merge_kd_opts(cfg, opts)
+    if cfg.TEACHER.CONFIG_FILE:
+        cfg.TEACHER.CONFIG_FILE = resolve_teacher_config_file(cfg.TEACHER.CONFIG_FILE, [p for p, _ in chain])
+    check_kd_cfg(cfg, kd_type_set=_raw_value(chain_dicts, ("KD", "TYPE"), opts) is not None)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def check_kd_cfg(cfg: CN, kd_type_set: bool = False) -> None:
+    """Validate the KD keys (method names, KD.TYPE against KD.METHODS) and the derived teacher config."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if kd_type_set and arch != "RCNNKD" and list(cfg.KD.METHODS):
+        raise ConfigError(f"KD.TYPE {cfg.KD.TYPE!r} and KD.METHODS {list(cfg.KD.METHODS)} are both set; KD.TYPE is "
+                          "mdistiller's and is read only with MODEL.META_ARCHITECTURE RCNNKD: keep one of them")
+    if kd_method_names(cfg):
+        build_teacher_cfg(cfg)

@@ -1,16 +1,20 @@
-"""Training and evaluation with detectron2's ``DefaultTrainer`` for RCNNKD (and plain) detectors.
+"""Training and evaluation with detectron2's ``DefaultTrainer``, for distilled and plain detectors.
 
-``KDTrainer`` differs from ``DefaultTrainer`` in five ways:
+``KDTrainer`` differs from ``DefaultTrainer`` in six ways:
 
-* models come from :func:`kd_det.build_kd_model` (known-name checks, and the
-  fast RoIAlign backward of ``KD.FAST_ROI_ALIGN``);
-* checkpoints go through :class:`kd_det.checkpoint.KDCheckpointer` (atomic
-  writes; the teacher is in them, so ``--resume`` restores it);
+* models come from :func:`kd_det.build.build_kd_model` (the distiller when
+  ``KD.METHODS`` or ``RCNNKD`` asks for one; known-name checks; the fast
+  RoIAlign backward of ``KD.FAST_ROI_ALIGN``);
+* under several processes the model is wrapped in DistributedDataParallel on
+  the CPU too (detectron2 0.6 passes GPU ``device_ids``), with
+  ``find_unused_parameters`` for a distiller, whose methods' parameters may get
+  no gradient in a step;
+* checkpoints go through :class:`kd_det.checkpoint.KDCheckpointer` (atomic writes);
 * COCO evaluation uses ``COCOEvaluator(use_fast_impl=False)`` (pycocotools);
-* after loading weights, an RCNNKD model whose teacher was not loaded stops
-  training with :class:`kd_det.meta_arch.TeacherNotLoadedError`;
+* after loading weights, a distiller whose teacher was not loaded stops
+  training with :class:`kd_det.distiller.TeacherNotLoadedError`;
 * at the end of training it writes ``model_student.pth`` (student only,
-  loadable into a plain ``GeneralizedRCNN``) to ``OUTPUT_DIR``.
+  loadable into the plain detector of the student's family) to ``OUTPUT_DIR``.
 """
 from __future__ import annotations
 
@@ -18,37 +22,71 @@ import logging
 import os
 import weakref
 
-from detectron2.engine import DefaultTrainer, hooks
+import torch
+from torch import nn
+
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from kd_det.checkpoint import KDCheckpointer, export_student
-from kd_det.config import build_teacher_cfg
+from .build import build_kd_model
+from .checkpoint import KDCheckpointer, export_student
+from .teacher_cfg import build_teacher_cfg
 
-__all__ = ["KDTrainer", "STUDENT_FILE", "evaluate_teacher"]
+__all__ = ["KDTrainer", "STUDENT_FILE", "evaluate_teacher", "unwrap"]
 
 STUDENT_FILE = "model_student.pth"
 logger = logging.getLogger("kd_det")
 
 
-def _unwrap(model):
-    return getattr(model, "module", model) if not hasattr(model, "teacher") else model
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a (Distributed)DataParallel wrapper, or the model itself."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+def create_ddp_model(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel when several processes run: GPU ``device_ids`` only on the GPU."""
+    if comm.get_world_size() == 1:
+        return model
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[comm.get_local_rank()] if on_gpu else None, broadcast_buffers=False,
+        find_unused_parameters=hasattr(model, "kd_methods"),
+    )
 
 
 class _ExportStudent(hooks.HookBase):
     def after_train(self):
-        model = _unwrap(self.trainer.model)
+        model = unwrap(self.trainer.model)
         if comm.is_main_process() and hasattr(model, "student_state_dict"):
             path = export_student(model, os.path.join(self.trainer.cfg.OUTPUT_DIR, STUDENT_FILE))
             logger.info(f"student-only weights written to {path}")
 
 
 class KDTrainer(DefaultTrainer):
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ with this module's DDP wrapper and checkpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = KDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
     @classmethod
     def build_model(cls, cfg):
-        from kd_det import build_kd_model
-
         model = build_kd_model(cfg)
+        model.to(torch.device(cfg.MODEL.DEVICE))
         logger.info(f"Model:\n{model}")
         return model
 
@@ -58,25 +96,23 @@ class KDTrainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
     def build_hooks(self):
-        # DefaultTrainer made a plain DetectionCheckpointer just before calling this.
-        self.checkpointer = KDCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         ret = super().build_hooks()
         ret.insert(len(ret) - 1, _ExportStudent())  # before the writers, after eval
         return ret
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        model = _unwrap(self.model)
+        model = unwrap(self.model)
         if hasattr(model, "check_teacher_loaded"):
             model.check_teacher_loaded()
 
 
 def evaluate_teacher(cfg, model):
-    """COCO metrics of ``model.teacher`` on ``cfg.DATASETS.TEST``.
+    """COCO metrics of the distiller's teacher on ``cfg.DATASETS.TEST`` (any detector family).
 
     The test images are read in the teacher's INPUT.FORMAT, at the student's sizes.
     """
-    teacher = _unwrap(model).teacher
+    teacher = unwrap(model).teacher
     tcfg = build_teacher_cfg(cfg).clone()
     tcfg.defrost()
     fmt = tcfg.INPUT.FORMAT

@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# CI machines have 2 cores; several test processes may share them.
-torch.set_num_threads(int(os.environ.get("KD_TEST_THREADS", "2")))
+# CI machines have 2 cores. Under pytest-xdist (`make test` runs 2 workers) each worker takes one.
+_default_threads = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(int(os.environ.get("KD_TEST_THREADS", _default_threads)))
 torch.manual_seed(0)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

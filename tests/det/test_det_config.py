@@ -116,7 +116,8 @@ def test_teacher_config_file_and_declared_key_precedence(tmp_path):
     t = build_teacher_cfg(get_kd_cfg(base, ["TEACHER.CONFIG_FILE", str(teacher_file)]))
     assert t.INPUT.FORMAT == "RGB"
     assert list(t.MODEL.PIXEL_STD) == [57.375, 57.120, 58.395]
-    assert t.MODEL.WEIGHTS == "teacher.pth"
+    # The file's MODEL.WEIGHTS is its recipe's initialisation, never the teacher's weights.
+    assert t.MODEL.WEIGHTS == ""
     assert t.MODEL.RESNETS.DEPTH == 101
     # An explicit TEACHER key that differs from detectron2's default wins over the file.
     t = build_teacher_cfg(

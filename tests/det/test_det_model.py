@@ -91,16 +91,16 @@ def test_captured_fpn_features_equal_backbone_outputs(model, monkeypatch):
     with torch.no_grad():  # FrozenBN: the backbones are deterministic
         s_ref = model.backbone(model.preprocess_image(batch).tensor)
         t_ref = model.teacher.backbone(model.preprocess_teacher_image(batch).tensor)
-    assert list(inputs.student_features) == ["p2", "p3", "p4", "p5", "p6"]
+    assert list(inputs.student_fpn) == ["p2", "p3", "p4", "p5", "p6"]
     for k in s_ref:
-        torch.testing.assert_close(inputs.student_features[k].detach(), s_ref[k])
+        torch.testing.assert_close(inputs.student_fpn[k].detach(), s_ref[k])
         # The teacher ran from its inference copy (BNs folded, NHWC): equal within float rounding.
         scale = float(t_ref[k].abs().max())
-        torch.testing.assert_close(inputs.teacher_features[k], t_ref[k], rtol=1e-4, atol=1e-5 * scale)
-    assert inputs.student_features["p2"].requires_grad
-    assert not inputs.teacher_features["p2"].requires_grad
+        torch.testing.assert_close(inputs.teacher_fpn[k], t_ref[k], rtol=1e-4, atol=1e-5 * scale)
+    assert inputs.student_fpn["p2"].requires_grad
+    assert not inputs.teacher_fpn["p2"].requires_grad
     # Logits: one row per sampled proposal of the batch, K + 1 columns.
-    assert inputs.student_logits.shape == inputs.teacher_logits.shape == (inputs.gt_classes.numel(), 81)
+    assert inputs.student_roi_logits.shape == inputs.teacher_roi_logits.shape == (inputs.roi_gt_classes.numel(), 81)
 
 
 def test_teacher_frozen_after_a_step():
@@ -161,7 +161,7 @@ def test_dkd_is_zero_for_an_identical_teacher():
     finally:
         type(model.kd_dkd).forward = orig
     i = seen["x"]
-    expected = dkd_loss(i.student_logits, i.teacher_logits, i.gt_classes, 1.0, 0.25, 1.0)
+    expected = dkd_loss(i.student_roi_logits, i.teacher_roi_logits, i.roi_gt_classes, 1.0, 0.25, 1.0)
     assert losses["loss_dkd"].item() == pytest.approx(expected.item()) and expected.item() > 1e-3
 
 
@@ -191,7 +191,7 @@ def test_teacher_weights_file(tmp_path, fmt, model):
     for k, v in model.teacher.state_dict().items():
         torch.testing.assert_close(v, state[k])
     with pytest.raises(FileNotFoundError, match="TEACHER.MODEL.WEIGHTS file not found"):
-        _build("TEACHER.MODEL.WEIGHTS", str(tmp_path / "absent.pth"))
+        _build("KD.ALLOW_RANDOM_TEACHER", "False", "TEACHER.MODEL.WEIGHTS", str(tmp_path / "absent.pth"))
 
 
 def test_student_only_pkl_does_not_touch_teacher(tmp_path, model):
@@ -239,21 +239,28 @@ def test_different_fpn_widths_are_bridged_by_abf():
         (["TEACHER.MODEL.BACKBONE.NAME", "nope"], "unknown TEACHER.MODEL.BACKBONE.NAME 'nope'"),
         (["KD.REVIEWKD.OUT_CHANNELS", "[128, 128, 128, 128, 128]"], "FPN channel mismatch.*OUT_CHANNELS.*256"),
         (["KD.REVIEWKD.IN_CHANNELS", "[64, 64, 64, 64, 64]"], "FPN channel mismatch.*IN_CHANNELS"),
-        (
-            [
-                "TEACHER.MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']",
-                "TEACHER.MODEL.RPN.IN_FEATURES", "['p3', 'p4', 'p5', 'p6']",
-                "TEACHER.MODEL.ROI_HEADS.IN_FEATURES", "['p3', 'p4', 'p5']",
-                "TEACHER.MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256]]",
-            ],
-            "pairs FPN levels",
-        ),
         (["MODEL.RESNETS.RES2_OUT_CHANNELS", "256"], "RES2_OUT_CHANNELS 64"),
     ],
 )
 def test_clear_errors(opts, match):
     with pytest.raises(ConfigError, match=match):
         _build(*opts)
+
+
+def test_levels_pair_by_stride():
+    """A teacher FPN without p2 (strides 8-64) pairs with the student's p3-p6; p2 is left out."""
+    model = _build(
+        "TEACHER.MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']",
+        "TEACHER.MODEL.RPN.IN_FEATURES", "['p3', 'p4', 'p5', 'p6']",
+        "TEACHER.MODEL.ROI_HEADS.IN_FEATURES", "['p3', 'p4', 'p5']",
+        "TEACHER.MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256]]",
+    ).train()
+    assert [p[:3] for p in model.pair.fpn_pairs] == [(8, "p3", "p3"), (16, "p4", "p4"), (32, "p5", "p5"),
+                                                     (64, "p6", "p6")]
+    assert model.kd_trans.levels == ["p3", "p4", "p5", "p6"] and len(model.kd_trans.abfs) == 4
+    with EventStorage():
+        losses = model(synthetic_batch())
+    assert torch.isfinite(losses["loss_reviewkd"]) and losses["loss_reviewkd"] > 0
 
 
 def test_mobilenetv2_fpn_shapes():
