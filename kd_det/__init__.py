@@ -7,8 +7,13 @@ meta-architecture (mdistiller's name), a yacs-configurable ``FCOS`` and the
 Where detectron2 was built without its compiled ops, a placeholder for them is
 registered first (see ``compat``).
 """
+import warnings
+
 from kd_det.compat import ensure_detectron2_ops
 
+# detectron2 0.6 and fvcore script a few functions at import; torch 2.x warns about each one
+# before any output of ours. The functions run the same either way.
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 # Before any detectron2 module is imported: every kd_det submodule imports this package first.
 ensure_detectron2_ops()
 

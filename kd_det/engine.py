@@ -34,7 +34,7 @@ from .build import build_kd_model
 from .checkpoint import KDCheckpointer, export_student
 from .teacher_cfg import build_teacher_cfg
 
-__all__ = ["KDTrainer", "STUDENT_FILE", "evaluate_teacher", "unwrap"]
+__all__ = ["KDTrainer", "STUDENT_FILE", "evaluate_teacher", "init_torchrun", "unwrap"]
 
 STUDENT_FILE = "model_student.pth"
 logger = logging.getLogger("kd_det")
@@ -43,6 +43,33 @@ logger = logging.getLogger("kd_det")
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a (Distributed)DataParallel wrapper, or the model itself."""
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+def init_torchrun() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), on gloo without GPUs.
+
+    detectron2 0.6's ``launch`` spawns NCCL workers, one per GPU; under
+    ``torchrun`` each process is already a rank, so it joins the group here and
+    creates detectron2's per-machine group. Returns False when not under torchrun.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "LOCAL_RANK" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+    if comm._LOCAL_PROCESS_GROUP is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        node = dist.get_rank() // local
+        for i in range(world // local):
+            group = dist.new_group(list(range(i * local, (i + 1) * local)))
+            if i == node:
+                comm._LOCAL_PROCESS_GROUP = group
+    return True
 
 
 def create_ddp_model(model: nn.Module) -> nn.Module:
@@ -99,6 +126,11 @@ class KDTrainer(DefaultTrainer):
         ret = super().build_hooks()
         ret.insert(len(ret) - 1, _ExportStudent())  # before the writers, after eval
         return ret
+
+    def train(self):
+        """Train; returns the final evaluation's results (detectron2's returns them only with EXPECTED_RESULTS)."""
+        res = super().train()
+        return res if res is not None else getattr(self, "_last_eval_results", None)
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)

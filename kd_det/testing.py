@@ -65,10 +65,30 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+def _arch(path: str) -> str:
+    from .teacher_cfg import config_chain
+
+    for _, d in config_chain(path):
+        arch = (d.get("MODEL") or {}).get("META_ARCHITECTURE")
+        if arch:
+            return arch
+    return ""
+
+
 def kd_config_names(det_configs_dir: str) -> List[str]:
-    """The distillation configs under ``det_configs_dir`` (``DKD/*.yaml``, ``ReviewKD/*.yaml``), relative, sorted."""
+    """mdistiller's 12 detection configs as mirrored here (``RCNNKD`` files of ``DKD/``, ``ReviewKD/``), relative."""
     return sorted(
         os.path.relpath(p, det_configs_dir)
         for d in ("DKD", "ReviewKD")
         for p in glob.glob(os.path.join(det_configs_dir, d, "*.yaml"))
+        if _arch(p) == "RCNNKD"
+    )
+
+
+def example_config_names(det_configs_dir: str) -> List[str]:
+    """The distillation configs written for this toolkit (``KD.METHODS``; any family), relative, sorted."""
+    return sorted(
+        os.path.relpath(p, det_configs_dir)
+        for p in glob.glob(os.path.join(det_configs_dir, "*", "*.yaml"))
+        if not os.path.basename(os.path.dirname(p)).startswith("COCO-") and _arch(p) != "RCNNKD"
     )

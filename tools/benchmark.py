@@ -4,7 +4,8 @@
 Cases (see the README's Performance section):
   a  classification DKD, resnet32x4 -> resnet8x4, batch 64, 32x32 (the trainer's own step)
   b  classification KD, ResNet34 -> ResNet18, batch 32, 224x224
-  c  detection RCNNKD ReviewKD, R-101 -> R-18 FPN, batch 2, 320x480
+  c  detection RCNNKD ReviewKD, Faster R-CNN R-101 -> R-18 FPN, batch 2, 320x480
+  d  detection ReviewKD, RetinaNet R-101 -> R-18 FPN, batch 2, 320x480
 
 Prints one JSON line per case and writes ``<out>/benchmark_<device>.json`` and a
 PNG plot next to it. Data is generated in each dataset's real on-disk format
@@ -45,11 +46,11 @@ CASES = bench.CASES
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--case", nargs="+", default=["all"], help="a, b, c or all")
+    p.add_argument("--case", nargs="+", default=["all"], help="a, b, c, d or all")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default per case and device)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default per case and device)")
     p.add_argument("--batch-size", type=int, default=None, help="override every case's batch size")
-    p.add_argument("--image-size", default=None, help="override the input size of cases b and c: N or HxW")
+    p.add_argument("--image-size", default=None, help="override the input size of cases b, c and d: N or HxW")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--workers", type=int, default=None, help="loader worker processes (default: the config's)")
     p.add_argument("--loader-only", action="store_true", help="time the data loaders only")
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--mdistiller-layout", choices=("native", "ours"), default="native",
                    help="memory layout of mdistiller's batch: native = contiguous NCHW, as its own loader "
                         "(ToTensor, Normalize, default collate) yields; ours = the NHWC batch our loader yields")
-    p.add_argument("--det-opts", nargs="*", default=[], help="extra detectron2 KEY VALUE overrides for case c")
+    p.add_argument("--det-opts", nargs="*", default=[], help="extra detectron2 KEY VALUE overrides for cases c and d")
     p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG results")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     args = p.parse_args(argv)
@@ -110,7 +111,10 @@ def main(argv=None) -> List[Dict]:
     results = []
     for case in args.cases:
         with tempfile.TemporaryDirectory(prefix="kd_bench_") as tmp:
-            r = run_detection(args, device, tmp) if case == "c" else run_classification(case, args, device, tmp)
+            if case in ("c", "d"):
+                r = run_detection(case, args, device, tmp)
+            else:
+                r = run_classification(case, args, device, tmp)
         r.update(machine=machine, threads=torch.get_num_threads(), torch=torch.__version__)
         print(json.dumps(r), flush=True)
         results.append(r)

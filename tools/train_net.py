@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""Train or evaluate a detectron2 detector, with or without distillation (RCNNKD).
+"""Train or evaluate a detectron2 detector, with or without distillation.
 
-Same command line as detectron2's ``tools/train_net.py``::
+Same command line as detectron2's tools/train_net.py. A distillation config names
+the student (its _BASE_), the teacher (TEACHER.CONFIG_FILE) and KD.METHODS; any
+detectron2 detector of any family works on either side (see docs/detection.md).
 
-    python tools/train_net.py --config-file configs/detection/ReviewKD/ReviewKD-R18-R101.yaml \
-        --num-gpus 8 SOLVER.IMS_PER_BATCH 16
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
-    python tools/train_net.py --config-file ... --resume
-
-Extra flag: ``--eval-teacher`` logs the teacher's COCO box AP on DATASETS.TEST before training.
+examples:
+  python tools/train_net.py --config-file configs/detection/ReviewKD/ReviewKD-R18-R101.yaml \\
+      --num-gpus 8 SOLVER.IMS_PER_BATCH 16
+  python tools/train_net.py --config-file configs/detection/ReviewKD/ReviewKD-RetinaNet-R18-R101.yaml \\
+      TEACHER.MODEL.WEIGHTS teacher.pkl --eval-teacher
+  python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+  python tools/train_net.py --config-file ... --resume
+  torchrun --nproc_per_node 2 tools/train_net.py --config-file ...   (CPU: gloo, one process per rank)
 """
 import logging
 import os
@@ -16,13 +20,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kd_det  # noqa: E402  (registers RCNNKD, backbones, the _C placeholder if needed)
+import kd_det  # noqa: E402,F401  (registers the distiller, FCOS, backbones, the _C placeholder if needed)
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 
 from kd_det.config import get_kd_cfg  # noqa: E402
 from kd_det.data import register_config_datasets  # noqa: E402
-from kd_det.engine import KDTrainer, evaluate_teacher  # noqa: E402
+from kd_det.engine import KDTrainer, evaluate_teacher, init_torchrun, unwrap  # noqa: E402
 
 
 def setup(args):
@@ -46,27 +50,32 @@ def main(args):
     trainer = KDTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     if args.eval_teacher:
-        if not hasattr(trainer.model, "teacher") and not hasattr(getattr(trainer.model, "module", None), "teacher"):
-            raise SystemExit("--eval-teacher needs MODEL.META_ARCHITECTURE RCNNKD")
+        if not hasattr(unwrap(trainer.model), "teacher"):
+            raise SystemExit("error: --eval-teacher needs a distillation config (KD.METHODS, or RCNNKD)")
         res = evaluate_teacher(cfg, trainer.model)
         logging.getLogger("kd_det").info(f"teacher results: {res}")
     return trainer.train()
 
 
 def build_parser():
-    parser = default_argument_parser()
-    parser.add_argument("--eval-teacher", action="store_true", help="log the teacher's COCO AP before training")
+    parser = default_argument_parser(epilog="examples:" + __doc__.split("examples:", 1)[1])
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--eval-teacher", action="store_true",
+                        help="evaluate the teacher's COCO AP on DATASETS.TEST before training")
     return parser
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    if init_torchrun():  # started by torchrun: this process is one rank already
+        main(args)
+    else:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )

@@ -81,10 +81,23 @@ def test_detection_case_tiny(bench, tmp_path, keep_cuda_env, capsys):
     assert r["kd_added_ms"] == pytest.approx(r["step_ms_mean"] - r["student_fast_step_ms"], abs=0.02)
 
 
+def test_retinanet_case_tiny(bench, tmp_path, keep_cuda_env, capsys):
+    pytest.importorskip("detectron2")
+    pytest.importorskip("kd_det")
+    bench.main(["--device", "cpu", "--case", "d", "--steps", "1", "--warmup", "0", "--image-size", "64x96",
+                "--no-plot", "--out", str(tmp_path)])
+    (r,) = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    _check_common(r, "d")
+    assert r["teacher"] == "RetinaNet R-101-FPN" and r["student"] == "RetinaNet R-18-FPN"
+    assert r["student_plain_step_ms"] > 0 and r["teacher_forward_ms"] > 0 and r["peak_mem_mb"] >= 0
+    assert r["ratio_to_parts"] == pytest.approx(r["step_ms_mean"] / r["parts_sum_ms"], rel=0.01)
+    assert not r["fast_roi_align"]  # RetinaNet has no RoIAlign
+
+
 def test_bad_arguments_name_the_choices(bench, capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--case", "d"])
-    assert "unknown case 'd'; valid: a, b, c, all" in capsys.readouterr().err
+        bench.parse_args(["--case", "e"])
+    assert "unknown case 'e'; valid: a, b, c, d, all" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--image-size", "big"])
     assert "expected N or HxW" in capsys.readouterr().err

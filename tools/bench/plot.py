@@ -17,7 +17,7 @@ def plot(results: List[Dict], path: str) -> None:
                            ("images_per_s_with_loader", "ours + loader"), ("loader_images_per_s", "loader only")):
             if r.get(key):
                 bars[label] = r[key]
-        if r["case"] == "c" and r.get("parts_sum_ms"):
+        if r["case"] in ("c", "d") and r.get("parts_sum_ms"):
             bars["plain student + teacher fwd"] = round(r["batch_size"] * 1000 / r["parts_sum_ms"], 2)
         bars = {k: v for k, v in bars.items() if v}
         ax.bar(range(len(bars)), list(bars.values()), color="tab:blue")
