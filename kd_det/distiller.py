@@ -205,8 +205,8 @@ class DetectionDistiller(nn.Module):
         batched_inputs = [dict(x, image=x["image"].to(self.device)) for x in batched_inputs]
         if self._recorder is None:
             self._recorder = StudentRecorder(self.student, self._single_taps, self._multi_taps)
-        self._recorder.clear()
-        losses = self.student(batched_inputs)
+        with self._recorder.recording():
+            losses = self.student(batched_inputs)
         inputs = KDInputs(self, batched_inputs, self._recorder)
         for attr in self._kd_attrs:
             for k, v in getattr(self, attr)(inputs).items():

@@ -10,6 +10,7 @@ saved for the student's backward pass).
 """
 from __future__ import annotations
 
+import contextlib
 from functools import cached_property
 from typing import Dict, List, Optional, Sequence
 
@@ -35,15 +36,27 @@ class StudentRecorder:
         self.multi = list(dict.fromkeys(multi))
         self.values: Dict[str, object] = {}
         self.lists: Dict[str, List[torch.Tensor]] = {}
+        # Records only inside ``recording()``: evaluation passes of the student keep nothing.
+        self.active = False
         self._handles = []
         for key, path in self.single.items():
             module = resolve_module(model, path)
             self._handles.append(module.register_forward_hook(
-                lambda m, args, out, key=key: self.values.__setitem__(key, out)))
+                lambda m, args, out, key=key: self.values.__setitem__(key, out) if self.active else None))
         for path in self.multi:
             module = resolve_module(model, path)
             self._handles.append(module.register_forward_hook(
-                lambda m, args, out, path=path: self.lists.setdefault(path, []).append(out)))
+                lambda m, args, out, path=path: self.lists.setdefault(path, []).append(out) if self.active
+                else None))
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.clear()
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
 
     def clear(self) -> None:
         self.values, self.lists = {}, {}
