@@ -28,6 +28,7 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "atomic_save",
+    "atomic_write_text",
     "remove_stale_temp_files",
     "load_checkpoint",
     "strip_prefix",
@@ -70,6 +71,21 @@ def atomic_save(obj, path: str) -> str:
     return path
 
 
+def atomic_write_text(path: str, text: str) -> str:
+    """Write a text file atomically (temporary file, fsync, rename), like :func:`atomic_save`."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def remove_stale_temp_files(directory: str) -> List[str]:
     """Delete the temporary files that killed :func:`atomic_save` calls left in ``directory``."""
     removed = []
@@ -92,6 +108,22 @@ def _numpy_safe_globals():
     return [scalar, np.dtype, *dtypes]
 
 
+def _check_format(path: str) -> None:
+    """A torch checkpoint is a zip archive (torch >= 1.6) or a pickle (older files, protocol 2+)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or type(e).__name__})") from None
+    if not head:
+        raise CheckpointError(f"{path} is empty, not a torch checkpoint")
+    if head[:1] != b"\x80" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (neither a zip archive nor a pickle; "
+                              "a text file, or a file cut before its end?)")
+
+
 def load_checkpoint(path: str, map_location="cpu", hint: str = ""):
     """Load a checkpoint with ``weights_only=True`` (see module docstring).
 
@@ -99,6 +131,7 @@ def load_checkpoint(path: str, map_location="cpu", hint: str = ""):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}" + (f"; {hint}" if hint else ""))
+    _check_format(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as first:
@@ -111,9 +144,13 @@ def load_checkpoint(path: str, map_location="cpu", hint: str = ""):
                 f"{path} holds Python objects that weights_only loading refuses ({reason}); "
                 "re-save it as a dict of tensors, e.g. {'model': model.state_dict()}"
             ) from None
-    except (RuntimeError, EOFError) as e:
+    except PermissionError:
+        raise CheckpointError(f"{path} cannot be read (permission denied)") from None
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError, AttributeError, IndexError) as e:
+        # Truncated zip archives end in OSError/RuntimeError, text files in KeyError or UnpicklingError.
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({msg})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated, or not a checkpoint: "
+                              f"{type(e).__name__} {msg})") from None
 
 
 # ----------------------------------------------------------------------------- state dicts

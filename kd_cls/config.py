@@ -9,11 +9,13 @@ method's code) and the optimizer's. Files may use ``_BASE_``.
 from __future__ import annotations
 
 import difflib
-from typing import List
+import os
+from typing import List, Tuple
 
+import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "ConfigError", "base_cfg", "config_key_error"]
+__all__ = ["CfgNode", "ConfigError", "base_cfg", "check_yaml_file", "config_file_chain", "config_key_error"]
 
 
 class ConfigError(ValueError):
@@ -27,10 +29,7 @@ class CfgNode(_FvCfgNode):
         return config_key_error(self, err)
 
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
-        import os
-
-        if not os.path.isfile(cfg_filename):
-            raise FileNotFoundError(f"config file not found: {cfg_filename}")
+        config_file_chain(cfg_filename)  # one-line errors for a bad file or _BASE_ before fvcore reads them
         try:
             super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
         except (KeyError, AssertionError) as e:
@@ -54,6 +53,45 @@ class CfgNode(_FvCfgNode):
             super().merge_from_other_cfg(cfg_other)
         except KeyError as e:
             raise self._typo(e) from None
+
+
+def check_yaml_file(path: str) -> dict:
+    """The mapping a config file holds, or a one-line error: missing, not YAML (with the line), empty, not a mapping."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read as a config file ({type(e).__name__}: {e})") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; a config file holds KEY: VALUE pairs (and _BASE_ to inherit one)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a config: expected KEY: VALUE pairs, found a {type(data).__name__}")
+    return data
+
+
+def config_file_chain(path: str) -> List[Tuple[str, dict]]:
+    """``[(file, its own yaml dict)]`` of a config file and its ``_BASE_`` files, the file first."""
+    out, todo = [], [os.path.abspath(path) if os.path.isfile(path) else path]
+    while todo:
+        p = todo.pop(0)
+        d = check_yaml_file(p)
+        out.append((p, d))
+        base = d.get("_BASE_")
+        if base:
+            base = os.path.expanduser(base)
+            if not os.path.isabs(base) and "://" not in base:
+                base = os.path.join(os.path.dirname(p), base)
+            if not os.path.isfile(base):
+                raise FileNotFoundError(f"_BASE_ of {p} not found: {base}")
+            todo.append(base)
+    return out
 
 
 def config_key_error(node, err: Exception, where: str = "") -> ConfigError:

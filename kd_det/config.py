@@ -31,10 +31,10 @@ import yaml
 
 from detectron2.config import CfgNode as CN
 
-from kd_cls.config import ConfigError, config_key_error
+from kd_cls.config import ConfigError, config_file_chain, config_key_error
 
 from .defaults import add_kd_config, d2_defaults
-from .teacher_cfg import KD_TYPES, build_teacher_cfg, config_chain, kd_method_names, resolve_teacher_config_file
+from .teacher_cfg import KD_TYPES, build_teacher_cfg, kd_method_names, resolve_teacher_config_file
 
 __all__ = ["ConfigError", "add_kd_config", "build_teacher_cfg", "get_kd_cfg", "merge_kd_opts", "KD_TYPES",
            "import_kd_modules"]
@@ -132,7 +132,7 @@ def get_kd_cfg(config_file: Optional[str] = None, opts: Optional[List[str]] = No
     teacher config are validated.
     """
     opts = list(opts or [])
-    chain = config_chain(config_file) if config_file else []
+    chain = config_file_chain(config_file) if config_file else []
     chain_dicts = [d for _, d in chain]
     import_kd_modules(_raw_value(chain_dicts, ("KD", "IMPORTS"), opts) or [])
     cfg = d2_defaults()

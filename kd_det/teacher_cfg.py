@@ -27,18 +27,16 @@ import copy
 import os
 from typing import List, Optional, Sequence, Tuple
 
-import yaml
-
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as _d2_get_cfg
 
-from kd_cls.config import ConfigError, config_key_error
+from kd_cls.config import ConfigError, config_file_chain, config_key_error
 
 from .defaults import d2_defaults
 from .methods import KD_METHODS
 from .pairing import family_of_arch, num_classes_key
 
-__all__ = ["KD_TYPES", "build_teacher_cfg", "config_chain", "kd_method_names", "kd_type_methods",
+__all__ = ["KD_TYPES", "build_teacher_cfg", "kd_method_names", "kd_type_methods",
            "resolve_teacher_config_file"]
 
 #: mdistiller's ``KD.TYPE`` values and the methods each one runs.
@@ -70,34 +68,6 @@ def kd_method_names(cfg) -> List[str]:
     if len(set(methods)) != len(methods):
         raise ConfigError(f"KD.METHODS lists a method twice: {methods}")
     return methods
-
-
-def config_chain(path: str) -> List[Tuple[str, dict]]:
-    """``[(file, its own yaml dict)]`` of a config file and its ``_BASE_`` files, the file first."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    out, todo = [], [os.path.abspath(path)]
-    while todo:
-        p = todo.pop(0)
-        try:
-            with open(p) as f:
-                d = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p} is not a config: expected KEY: VALUE pairs, found {type(d).__name__}")
-        out.append((p, d))
-        base = d.get("_BASE_")
-        if base:
-            base = os.path.expanduser(base)
-            if not os.path.isabs(base) and "://" not in base:
-                base = os.path.join(os.path.dirname(p), base)
-            if not os.path.isfile(base):
-                raise FileNotFoundError(f"_BASE_ of {p} not found: {base}")
-            todo.append(base)
-    return out
 
 
 def resolve_teacher_config_file(name: str, chain_files: Sequence[str] = ()) -> str:
@@ -168,7 +138,7 @@ def build_teacher_cfg(cfg: CN) -> CN:
     file_dicts: List[dict] = []
     if cfg.TEACHER.CONFIG_FILE:
         path = resolve_teacher_config_file(cfg.TEACHER.CONFIG_FILE)
-        file_dicts = [d for _, d in config_chain(path)]
+        file_dicts = [d for _, d in config_file_chain(path)]
         try:
             t.merge_from_file(path)
         except (KeyError, AssertionError, ValueError) as e:

@@ -66,9 +66,9 @@ def torch_threads(n: int):
 
 
 def _arch(path: str) -> str:
-    from .teacher_cfg import config_chain
+    from kd_cls.config import config_file_chain
 
-    for _, d in config_chain(path):
+    for _, d in config_file_chain(path):
         arch = (d.get("MODEL") or {}).get("META_ARCHITECTURE")
         if arch:
             return arch

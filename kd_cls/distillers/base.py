@@ -102,6 +102,14 @@ class Distiller(nn.Module):
         ``get_extra_parameters()`` leaves out (to match mdistiller's count)."""
         return []
 
+    def check_shapes(self, image_size: int) -> None:
+        """Raise a one-line error for feature shapes that do not fit the method's config.
+
+        Called once before the run directory exists, with the dataset's input
+        side; methods whose shapes come from the config (ReviewKD, CRD) probe
+        both models on one random image (:func:`._feature_common.probe_shapes`).
+        """
+
     # ----- running the models with feature capture -----
     def teacher_for_inference(self, example_input=None, taps: Sequence[str] = ()) -> nn.Module:
         """The module that runs the teacher: ``self.teacher``, or its BN-folded inference copy."""

@@ -24,6 +24,7 @@ from kd_cls.losses import crd_nce_loss
 from kd_cls.models import get_taps
 from kd_cls.nn.connectors import Embed
 
+from ._feature_common import feature_pair_shapes
 from .base import Distiller, count_params, register_distiller
 
 
@@ -161,6 +162,11 @@ class CRD(Distiller):
     def get_extra_parameters(self) -> int:
         # As mdistiller counts: the embeddings plus every buffer of the memory (two banks, 5 constants).
         return super().get_extra_parameters() + count_params(self.contrast.buffers())
+
+    def check_shapes(self, image_size: int) -> None:
+        (s,), (t,) = feature_pair_shapes(self.student, self.teacher, self._tap_s, self._tap_t, (image_size,) * 2)
+        self._check_dim(torch.empty(s), self.student_dim, "CRD.FEAT.STUDENT_DIM", "student")
+        self._check_dim(torch.empty(t), self.teacher_dim, "CRD.FEAT.TEACHER_DIM", "teacher")
 
     @staticmethod
     def _check_dim(feat: torch.Tensor, expected: int, key: str, model: str):

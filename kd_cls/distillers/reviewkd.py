@@ -27,6 +27,7 @@ from kd_cls.losses import hcl_loss
 from kd_cls.models import get_taps
 from kd_cls.nn.connectors import ABF
 
+from ._feature_common import feature_pair_shapes
 from .base import Distiller, register_distiller, warmup_factor
 
 
@@ -108,6 +109,11 @@ class ReviewKD(Distiller):
                 raise ValueError(f"ReviewKD feature {i}: student map is {fs.shape[-1]} px but "
                                  f"REVIEWKD.SHAPES[{j}] is {self.shapes[j]}")
         self._checked = True
+
+    def check_shapes(self, image_size: int) -> None:
+        s_shapes, t_shapes = feature_pair_shapes(self.student, self.teacher, self._tap_s, self._tap_t,
+                                                 (image_size,) * 2)
+        self._check([self._as_map(torch.empty(s)) for s in s_shapes], [self._as_map(torch.empty(t)) for t in t_shapes])
 
     def review(self, feats_s: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Student features, shallow to deep -> ABF outputs, shallow to deep."""

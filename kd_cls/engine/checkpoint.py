@@ -7,6 +7,7 @@ Files (names and dicts as mdistiller's trainer writes them):
   DataParallel's ``module.`` prefix, so mdistiller's ``--resume`` reads ours;
   either form loads here. Ours add ``"log"`` (the epoch's worklog values), so
   the worklog can be made to match ``latest`` exactly after a kill;
+  Ours also record ``"global_step"``, where TensorBoard's step curves continue;
 * student only ``student_latest``, ``student_best``, ``student_N``:
   ``{"model": student.state_dict()}`` (what ``tools/eval.py -c`` takes).
 
@@ -21,7 +22,7 @@ from kd_cls.checkpoint_io import CheckpointError, add_prefix, atomic_save, load_
     strip_prefix
 
 __all__ = ["ResumeError", "RESUME_MUTABLE_PREFIXES", "RESUME_MUTABLE_KEYS", "config_differences",
-           "full_state", "save_run_checkpoints", "load_latest"]
+           "full_state", "save_run_checkpoints", "load_latest", "check_resumable_config"]
 
 # Keys that may differ between a run and its --resume: logging, and the length of the run.
 RESUME_MUTABLE_PREFIXES = ("LOG.",)
@@ -66,6 +67,7 @@ def full_state(trainer, epoch: int, log: Dict[str, float]) -> dict:
         "optimizer": trainer.optimizer.state_dict(),
         "best_acc": trainer.best_acc,
         "log": dict(log),
+        "global_step": trainer.global_step,
     }
     if trainer.scaler is not None:
         state["scaler"] = trainer.scaler.state_dict()
@@ -89,16 +91,16 @@ def save_run_checkpoints(trainer, epoch: int, improved: bool, log: Dict[str, flo
     atomic_save(state, os.path.join(p, "latest"))
 
 
-def check_resumable_config(trainer) -> None:
+def check_resumable_config(log_path: str, cfg) -> None:
     """Refuse ``--resume`` with a config that differs from the run's ``cfg.yaml`` beyond ``LOG.*``/``SOLVER.EPOCHS``."""
     import yaml
 
-    cfg_path = os.path.join(trainer.log_path, "cfg.yaml")
+    cfg_path = os.path.join(log_path, "cfg.yaml")
     if not os.path.isfile(cfg_path):
         return
     with open(cfg_path) as f:
         old = yaml.safe_load(f) or {}
-    diffs = config_differences(old, yaml.safe_load(trainer.cfg.dump()))
+    diffs = config_differences(old, yaml.safe_load(cfg.dump()))
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:4])
         more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
@@ -121,4 +123,5 @@ def load_latest(trainer) -> dict:
         trainer.scaler.load_state_dict(state["scaler"])
     trainer.best_acc = float(state.get("best_acc", -1.0))
     trainer.start_epoch = int(state["epoch"]) + 1
+    trainer.global_step = int(state.get("global_step", 0))
     return state

@@ -7,6 +7,7 @@ status 2, before any run directory is created where possible.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -53,33 +54,76 @@ def load_cfg(cfg_file: str, opts: List[str]):
     return cfg
 
 
+TRAIN_EXAMPLES = """examples:
+  python3 tools/train.py --cfg configs/cifar100/dkd/res32x4_res8x4.yaml
+  python3 tools/train.py --cfg configs/cifar100/dkd/res32x4_res8x4.yaml SOLVER.BATCH_SIZE 128 SOLVER.LR 0.1
+  python3 tools/train.py --cfg configs/cifar100/vanilla.yaml DATASET.TYPE digits SOLVER.EPOCHS 1 --resume
+  torchrun --nproc_per_node 2 tools/train.py --cfg configs/cifar100/kd.yaml   (DDP)
+
+--resume continues a run from its 'latest' checkpoint (the same config and overrides; LOG.* and
+SOLVER.EPOCHS may change, so SOLVER.EPOCHS N extends a finished run)."""
+
+
+def _split_resume(opts: List[str]):
+    """``--resume`` may stand before or after the ``KEY VALUE`` overrides."""
+    rest = [o for o in opts if o != "--resume"]
+    return rest, len(rest) != len(opts)
+
+
 def train_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser("tools/train.py", description="train a student, with or without a teacher")
+    parser = argparse.ArgumentParser("tools/train.py", description="Train a student, with or without a teacher "
+                                     "(mdistiller's command line).", epilog=TRAIN_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", type=str, default="", help="config file (mdistiller's schema, _BASE_ allowed)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its 'latest' checkpoint")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = parser.parse_args(argv)
-    opts = args.opts or []
+    opts, resume_after = _split_resume(args.opts or [])
+    resume = args.resume or resume_after
+    trainer = None
     try:
         cfg = load_cfg(args.cfg, opts)
-        trainer = build_run(cfg, opts)
+        trainer = build_run(cfg, opts, resume=resume)
         if is_main():
             print(log_msg("CONFIG:\n" + show_cfg(cfg)), flush=True)
             print(log_msg(f"run directory: {trainer.log_path}"), flush=True)
-        trainer.train(resume=args.resume)
+        trainer.train(resume=resume)
     except USER_ERRORS as e:
         return _fail(e)
+    except KeyboardInterrupt:
+        return _interrupted(trainer)
     return 0
 
 
+def _interrupted(trainer) -> int:
+    if trainer is None:
+        where = "before the run started; nothing was written"
+    else:
+        latest = os.path.join(trainer.log_path, "latest")
+        done = f"the last completed epoch's checkpoint is {latest}" if os.path.isfile(latest) \
+            else "no epoch had completed"
+        where = f"at epoch {trainer.epoch}; {done}; continue with --resume"
+    print(f"error: interrupted {where}", file=sys.stderr, flush=True)
+    return 130
+
+
+EVAL_EXAMPLES = """examples:
+  python3 tools/eval.py -m resnet32x4                                  (the released teacher)
+  python3 tools/eval.py -m resnet8x4 -c download_ckpts/dkd_resnet8x4     (a released DKD student)
+  python3 tools/eval.py -m resnet8 -c output/<project>/<run>/student_best -d digits"""
+
+
 def eval_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser("tools/eval.py", description="top-1/top-5 of a model on a validation set")
+    parser = argparse.ArgumentParser("tools/eval.py", description="Top-1/top-5 accuracy and loss of a zoo model on a "
+                                     "validation set.", epilog=EVAL_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", type=str, required=True, help="zoo model name, e.g. resnet8x4")
     parser.add_argument("-c", "--ckpt", type=str, default="pretrain",
                         help="checkpoint file ({'model': state_dict}, a student_* or full-state file); "
                              "'pretrain' (default) takes the model's released teacher checkpoint")
-    parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=DATASETS.names())
-    parser.add_argument("-bs", "--batch-size", type=int, default=64)
+    parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=DATASETS.names(),
+                        help="validation set (default cifar100)")
+    parser.add_argument("-bs", "--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     args = parser.parse_args(argv)
     try:
         top1, top5, loss = evaluate_checkpoint(args.model, args.ckpt, args.dataset, args.batch_size)

@@ -18,10 +18,12 @@ from kd_cls.models import build_model, model_names
 from kd_cls.models.pretrained import MDISTILLER_RELEASE, load_pretrained, load_teacher
 from kd_cls.registry import UnknownNameError
 
+from .checkpoint import RESUME_MUTABLE_KEYS, RESUME_MUTABLE_PREFIXES
 from .defaults import get_cfg
-from .distributed import init_distributed, is_main
+from .distributed import barrier, init_distributed, is_main
 from .logger import log_msg
 from .metrics import validate
+from .preflight import check_output_dir, check_values
 from .trainers import get_trainer, seed_everything
 
 __all__ = ["experiment_name", "build_run", "train_from_cfg", "evaluate_checkpoint", "OVERRIDE_SEPARATOR"]
@@ -34,11 +36,13 @@ _MAX_NAME = 200
 def experiment_name(cfg, opts: Sequence[str] = ()) -> str:
     """``EXPERIMENT.PROJECT/<EXPERIMENT.NAME or EXPERIMENT.TAG>[+KEY:VALUE,...]``, as mdistiller names runs.
 
-    Overrides of ``LOG.*`` keys are left out, so that ``--resume`` with other
-    logging options finds the same run. ``/`` in values becomes ``_``.
+    Overrides of ``LOG.*`` keys and of ``SOLVER.EPOCHS`` are left out, so that
+    ``--resume`` with other logging options, or more epochs, finds the same run.
+    ``/`` in values becomes ``_``.
     """
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
-    pairs = [(k, v) for k, v in zip(opts[::2], opts[1::2]) if not str(k).startswith("LOG.")]
+    pairs = [(k, v) for k, v in zip(opts[::2], opts[1::2])
+             if not str(k).startswith(RESUME_MUTABLE_PREFIXES) and k not in RESUME_MUTABLE_KEYS]
     if pairs:
         extra = ",".join(f"{k}:{v}" for k, v in pairs).replace(os.sep, "_").replace(" ", "")
         name = f"{name}{OVERRIDE_SEPARATOR}{extra}"
@@ -64,10 +68,20 @@ def _check_names(cfg) -> None:
             )
 
 
-def build_run(cfg, opts: Sequence[str] = ()):
-    """Data, models, distiller and trainer for ``cfg`` (frozen or not). Returns the trainer."""
+def build_run(cfg, opts: Sequence[str] = (), resume: bool = False):
+    """Data, models, distiller and trainer for ``cfg`` (frozen or not). Returns the trainer.
+
+    Everything that can be checked is checked before the run directory is
+    created: names, values, the output folder (a run directory that already
+    holds a run needs ``resume``), the data, the teacher's weights and the
+    method's feature shapes (a probe on one random image).
+    """
     init_distributed()
     _check_names(cfg)
+    check_values(cfg)
+    name = experiment_name(cfg, opts)
+    check_output_dir(os.path.join(cfg.LOG.PREFIX, name), "LOG.PREFIX", resume=resume, cfg=cfg)
+    barrier()  # every rank has checked before the main one creates the directory
     seed_everything(int(cfg.EXPERIMENT.SEED))
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
@@ -87,13 +101,14 @@ def build_run(cfg, opts: Sequence[str] = ()):
         print(log_msg(f"extra parameters of {cfg.DISTILLER.TYPE}: {distiller.get_extra_parameters()}"), flush=True)
         for note in distiller.extra_parameter_notes():
             print(log_msg(note), flush=True)
+    distiller.check_shapes(info.image_size)
     trainer_cls = get_trainer(cfg.SOLVER.TRAINER)
-    return trainer_cls(experiment_name(cfg, opts), distiller, train_loader, val_loader, cfg)
+    return trainer_cls(name, distiller, train_loader, val_loader, cfg)
 
 
 def train_from_cfg(cfg, opts: Sequence[str] = (), resume: bool = False):
     """Build the run of ``cfg`` and train it. Returns the trainer (``best_acc``, ``log_path``)."""
-    trainer = build_run(cfg, opts)
+    trainer = build_run(cfg, opts, resume=resume)
     trainer.train(resume=resume)
     return trainer
 

@@ -153,7 +153,7 @@ def test_kill_after_epoch_one_then_resume_is_exact(tmp_path, monkeypatch):
     assert saved["epoch"] == 1 and all(k.startswith("module.") for k in saved["model"])
     assert {"student_latest", "best", "student_best", "cfg.yaml", "worklog.txt"} <= set(os.listdir(run_dir))
 
-    resumed = build_run(tiny_cfg(tmp_path / "run", *extra))
+    resumed = build_run(tiny_cfg(tmp_path / "run", *extra), resume=True)
     resumed.resume()
     assert resumed.start_epoch == 2
     saved_opt = torch.optim.SGD(resumed.distiller.get_learnable_parameters(), lr=0.1, momentum=0.9)
@@ -168,7 +168,7 @@ def test_kill_after_epoch_one_then_resume_is_exact(tmp_path, monkeypatch):
 
     # a changed hyperparameter is refused, naming the key
     with pytest.raises(ResumeError, match="SOLVER.LR"):
-        build_run(tiny_cfg(tmp_path / "run", *extra, "SOLVER.LR", 0.2)).train(resume=True)
+        build_run(tiny_cfg(tmp_path / "run", *extra, "SOLVER.LR", 0.2), resume=True).train(resume=True)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_cls.checkpoint_io import atomic_write_text, remove_stale_temp_files
 from kd_cls.config import ConfigError
 from kd_cls.registry import Registry
 
@@ -197,20 +198,28 @@ class BaseTrainer(TrainLoop):
 
     # ------------------------------------------------------------------ the run
     def resume(self) -> None:
-        """Load ``latest`` of this run directory: weights, optimizer, best accuracy; continue at the next epoch."""
+        """Continue this run directory from ``latest``: weights, optimizer, best accuracy, the next epoch.
+
+        Without a ``latest`` yet (a run killed in its first epoch), the run starts at epoch 1.
+        """
         latest = os.path.join(self.log_path, "latest")
         if not os.path.isfile(latest):
-            raise run_ckpt.ResumeError(f"--resume: no checkpoint at {latest}; start the run without --resume")
-        run_ckpt.check_resumable_config(self)
-        run_ckpt.load_latest(self)
+            self.logger.info(f"--resume: no checkpoint in {self.log_path} yet; starting at epoch 1")
+            if is_main() and os.path.isfile(self.logger.worklog):
+                os.remove(self.logger.worklog)  # a fresh start: nothing of the killed run's log stays
+            return
+        run_ckpt.check_resumable_config(self.log_path, self.cfg)
+        state = run_ckpt.load_latest(self)
+        self.logger.resume_at(self.start_epoch - 1, self.global_step, state.get("log"))
         self.logger.info(f"resumed from {latest}: continuing at epoch {self.start_epoch}")
 
     def train(self, resume: bool = False) -> float:
+        if is_main():
+            remove_stale_temp_files(self.log_path)  # of writes a kill interrupted
         if resume:
             self.resume()
         if is_main():
-            with open(os.path.join(self.log_path, "cfg.yaml"), "w") as f:
-                f.write(self.cfg.dump())
+            atomic_write_text(os.path.join(self.log_path, "cfg.yaml"), self.cfg.dump())
         self.run_loop()
         self.logger.info(f"best accuracy: {self.best_acc:.2f}", "EVAL")
         self.logger.write(f"best_acc\t{self.best_acc:.2f}\n")
