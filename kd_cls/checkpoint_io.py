@@ -18,6 +18,7 @@ trainer, the model zoo's teacher loading, the detection frontend).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import pickle
 from typing import Dict, List, Mapping, Optional
@@ -30,6 +31,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_text",
     "remove_stale_temp_files",
+    "file_sha256",
     "load_checkpoint",
     "strip_prefix",
     "add_prefix",
@@ -84,6 +86,22 @@ def atomic_write_text(path: str, text: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+_SHA_CACHE: Dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes (cached per path, size and modification time: teachers are large)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
 
 
 def remove_stale_temp_files(directory: str) -> List[str]:

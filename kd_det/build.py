@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import List
 
+import torch
 from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
@@ -37,6 +38,7 @@ __all__ = ["build_kd_model", "build_teacher", "build_methods", "check_registered
            "load_teacher_and_inherit"]
 
 logger = logging.getLogger("kd_det")
+RANDOM_TEACHER_SEED = 0
 
 
 def check_registered_names(cfg, who: str = "") -> None:
@@ -73,7 +75,14 @@ def distiller_kwargs(cfg, student_arch: str) -> dict:
     check_registered_names(s_cfg)
     student = META_ARCH_REGISTRY.get(student_arch)(s_cfg)
     tcfg = build_teacher_cfg(cfg)
-    teacher = build_teacher(tcfg).to(student.device if hasattr(student, "device") else "cpu")
+    if cfg.KD.ALLOW_RANDOM_TEACHER:
+        # A fixed seed, so that --resume re-creates the same random teacher (checkpoints do not hold it).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_TEACHER_SEED)
+            teacher = build_teacher(tcfg)
+    else:
+        teacher = build_teacher(tcfg)
+    teacher = teacher.to(student.device if hasattr(student, "device") else "cpu")
     pair = DetectorPair.build(student, teacher)
     methods = build_methods(cfg, pair, kd_method_names(cfg))
     return dict(student=student, teacher=teacher, methods=methods,
@@ -84,6 +93,7 @@ def distiller_kwargs(cfg, student_arch: str) -> dict:
 def load_teacher_and_inherit(model, cfg) -> None:
     weights = cfg.TEACHER.MODEL.WEIGHTS
     if cfg.KD.ALLOW_RANDOM_TEACHER:
+        model.teacher_source = {"random_seed": RANDOM_TEACHER_SEED}
         if weights:
             logger.warning(f"KD.ALLOW_RANDOM_TEACHER is on: TEACHER.MODEL.WEIGHTS {weights} is not loaded")
     elif weights:

@@ -52,11 +52,31 @@ class _PlaceholderOps(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        raise MissingCompiledOpError(
-            f"detectron2 compiled op '_C.{name}' is not available: this detectron2 was installed "
-            "without its C++/CUDA extension (rotated boxes, deformable convolution and the fast COCO "
-            "evaluator need it). Build detectron2 from source to use it."
-        )
+        raise MissingCompiledOpError(_missing_message(f"_C.{name}"))
+
+
+def _missing_message(op: str) -> str:
+    return (f"detectron2 compiled op '{op}' is not available: this detectron2 was installed without its "
+            "C++/CUDA extension (rotated boxes, deformable convolution and the fast COCO evaluator need it). "
+            "Build detectron2 from source to use it.")
+
+
+# Ops detectron2 0.6 calls as torch.ops.detectron2.<name>, past the _C module (layers/nms.py).
+_TORCH_OPS = ("nms_rotated",)
+
+
+def _register_missing_torch_ops() -> None:
+    import torch
+
+    ns = torch.ops.detectron2
+    for name in _TORCH_OPS:
+        try:
+            getattr(ns, name)
+        except (AttributeError, RuntimeError):
+            def missing(*args, _op=f"torch.ops.detectron2.{name}", **kwargs):
+                raise MissingCompiledOpError(_missing_message(_op))
+
+            setattr(ns, name, missing)
 
 
 def _restore_numpy_aliases() -> None:
@@ -83,6 +103,7 @@ def ensure_detectron2_ops() -> bool:
         pass
     placeholder = _PlaceholderOps()
     sys.modules[_PLACEHOLDER_NAME] = placeholder
+    _register_missing_torch_ops()
     import detectron2
 
     detectron2._C = placeholder

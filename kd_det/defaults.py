@@ -54,6 +54,9 @@ def add_kd_config(cfg: CN) -> CN:
     # Speed only, gradients equal within float rounding: RoIAlign's CPU backward
     # as one sparse product (kd_det.roi_align), for every detector built here.
     cfg.KD.FAST_ROI_ALIGN = True
+    # Checkpoints hold the teacher's weight source, not its tensors; True also writes the tensors
+    # (mdistiller's combined layout, loadable without the source file).
+    cfg.KD.SAVE_TEACHER = False
     _add_method_nodes(cfg)
 
     cfg.TEACHER = CN(new_allowed=True)

@@ -78,6 +78,9 @@ class DetectionDistiller(nn.Module):
         self._recorder = None  # hooks attached on the first training step
         self._check_formats()
         self.allow_random_teacher = allow_random_teacher
+        # Where the teacher's weights came from ({"path", "sha256"} or {"random_seed"}): what checkpoints
+        # record instead of the frozen tensors (kd_det.checkpoint).
+        self.teacher_source = None
         self._teacher_keys = frozenset(teacher.state_dict().keys())
         self._teacher_loaded_keys: set = set()
         self._register_state_dict_hook(DetectionDistiller._flatten_student_keys)

@@ -1,6 +1,6 @@
 """Training and evaluation with detectron2's ``DefaultTrainer``, for distilled and plain detectors.
 
-``KDTrainer`` differs from ``DefaultTrainer`` in six ways:
+``KDTrainer`` differs from ``DefaultTrainer`` in seven ways:
 
 * models come from :func:`kd_det.build.build_kd_model` (the distiller when
   ``KD.METHODS`` or ``RCNNKD`` asks for one; known-name checks; the fast
@@ -9,7 +9,9 @@
   the CPU too (detectron2 0.6 passes GPU ``device_ids``), with
   ``find_unused_parameters`` for a distiller, whose methods' parameters may get
   no gradient in a step;
-* checkpoints go through :class:`kd_det.checkpoint.KDCheckpointer` (atomic writes);
+* checkpoints go through :class:`kd_det.checkpoint.KDCheckpointer` (atomic writes; the teacher's
+  weight source instead of its frozen tensors);
+* checkpoints hold the optimizer's state (detectron2 0.6's lose it, so a resume restarted momentum);
 * COCO evaluation uses ``COCOEvaluator(use_fast_impl=False)`` (pycocotools);
 * after loading weights, a distiller whose teacher was not loaded stops
   training with :class:`kd_det.distiller.TeacherNotLoadedError`;
@@ -104,7 +106,8 @@ class KDTrainer(DefaultTrainer):
         model = create_ddp_model(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = KDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = KDCheckpointer(model, cfg.OUTPUT_DIR, save_teacher=bool(cfg.KD.SAVE_TEACHER),
+                                           trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -126,6 +129,18 @@ class KDTrainer(DefaultTrainer):
         ret = super().build_hooks()
         ret.insert(len(ret) - 1, _ExportStudent())  # before the writers, after eval
         return ret
+
+    def state_dict(self):
+        # detectron2 0.6 leaves the optimizer (held by the inner SimpleTrainer) out of its checkpoints,
+        # so --resume restarted the momentum; later detectron2 versions save it under "_trainer".
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     def train(self):
         """Train; returns the final evaluation's results (detectron2's returns them only with EXPECTED_RESULTS)."""

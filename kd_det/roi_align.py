@@ -195,10 +195,16 @@ class FastROIAlign(ROIAlign):
         if input.is_quantized:
             input = input.dequantize()
         rois = rois.to(dtype=input.dtype)
-        if not _fast_applies(input):
-            return super().forward(input, rois)
+        if torch.jit.is_scripting() or not _fast_applies(input):
+            # TorchScript compiles only this branch (the other is jit.unused): detectron2's own op.
+            return tv_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return self._fast_forward(input, rois)
+
+    @torch.jit.unused
+    def _fast_forward(self, input, rois):
         size = tuple(self.output_size) if isinstance(self.output_size, (tuple, list)) else (self.output_size,) * 2
-        return _RoIAlignFunction.apply(input, rois, size, float(self.spatial_scale), int(self.sampling_ratio), bool(self.aligned))
+        return _RoIAlignFunction.apply(input, rois, size, float(self.spatial_scale), int(self.sampling_ratio),
+                                       bool(self.aligned))
 
 
 def use_fast_roi_align(model: torch.nn.Module, enabled: bool = True) -> int:

@@ -21,18 +21,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kd_det  # noqa: E402,F401  (registers the distiller, FCOS, backbones, the _C placeholder if needed)
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 
+from kd_det.checkpoint import KDCheckpointer  # noqa: E402
 from kd_det.config import get_kd_cfg  # noqa: E402
 from kd_det.data import register_config_datasets  # noqa: E402
 from kd_det.engine import KDTrainer, evaluate_teacher, init_torchrun, unwrap  # noqa: E402
+from kd_det.preflight import USER_ERRORS, check_detection_run  # noqa: E402
 
 
 def setup(args):
+    """The config, checked before detectron2's ``default_setup`` creates ``OUTPUT_DIR``."""
     cfg = get_kd_cfg(args.config_file, args.opts, freeze=False)
     register_config_datasets(cfg)
     cfg.freeze()
+    check_detection_run(cfg, resume=args.resume, eval_only=args.eval_only)
     default_setup(cfg, args)
     return cfg
 
@@ -41,7 +44,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = KDTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        KDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = KDTrainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(KDTrainer.test_with_TTA(cfg, model))
@@ -65,17 +68,25 @@ def build_parser():
     return parser
 
 
+def run(args) -> int:
+    """``main`` through torchrun or detectron2's ``launch``; expected failures are one line (exit 2)."""
+    try:
+        if init_torchrun():  # started by torchrun: this process is one rank already
+            main(args)
+        else:
+            launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args,))
+    except USER_ERRORS as e:
+        print(f"error: {str(e).strip().replace(chr(10), ' ')}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the last periodic checkpoint in OUTPUT_DIR is intact; continue with --resume",
+              file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
-    if init_torchrun():  # started by torchrun: this process is one rank already
-        main(args)
-    else:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+    sys.exit(run(args))

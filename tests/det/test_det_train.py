@@ -11,6 +11,7 @@ pytest.importorskip("detectron2")
 from kd_det.testing import kd_config_names  # noqa: E402
 
 import kd_det  # noqa: E402,F401
+from kd_cls.checkpoint_io import CheckpointError  # noqa: E402
 from kd_det.config import get_kd_cfg  # noqa: E402
 from kd_det.data import register_builtin_coco  # noqa: E402
 from kd_det.data.shapes import make_shapes_dataset  # noqa: E402
@@ -77,6 +78,12 @@ def _check_two_iterations(path, tmp_path):
     assert os.path.isfile(os.path.join(str(tmp_path), STUDENT_FILE))
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _train_net():
     spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "tools", "train_net.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -97,18 +104,25 @@ def test_resume_eval_and_student_file(coco_root, tmp_path):
     train_net.main(train_net.build_parser().parse_args(base + opts))
     ckpt = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
     assert ckpt["iteration"] == 1
-    teacher_saved = {k: v for k, v in ckpt["model"].items() if k.startswith("teacher.")}
-    assert teacher_saved
+    # The frozen teacher is not in the checkpoint, its source is: here a random teacher of a fixed seed.
+    assert not [k for k in ckpt["model"] if k.startswith("teacher.")]
+    assert ckpt["teacher_source"] == {"random_seed": 0}
+    assert oct(os.stat(os.path.join(out, "model_final.pth")).st_mode & 0o777) == oct(0o666 & ~_umask())
 
-    # Resume with a random teacher refused: the teacher must come back from the checkpoint.
-    resumed = opts + ["SOLVER.MAX_ITER", "3", "KD.ALLOW_RANDOM_TEACHER", "False"]
-    cfg = train_net.setup(train_net.build_parser().parse_args(base + ["--resume"] + resumed))
+    # Resuming without KD.ALLOW_RANDOM_TEACHER cannot re-create that teacher: one line.
+    refused = opts + ["SOLVER.MAX_ITER", "3", "KD.ALLOW_RANDOM_TEACHER", "False"]
+    cfg = train_net.setup(train_net.build_parser().parse_args(base + ["--resume"] + refused))
+    with pytest.raises(CheckpointError, match="random teacher"):
+        KDTrainer(cfg).resume_or_load(resume=True)
+    # With it, resume re-creates the same random teacher.
+    cfg = train_net.setup(train_net.build_parser().parse_args(base + ["--resume"] + opts + ["SOLVER.MAX_ITER", "3"]))
     trainer = KDTrainer(cfg)
+    first = {k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 2
-    state = trainer.model.state_dict()
-    for k, v in teacher_saved.items():
-        assert torch.equal(state[k], v), k
+    again = KDTrainer.build_model(cfg).teacher.state_dict()
+    assert all(torch.equal(v, again[k]) and torch.equal(v, first[k])
+               for k, v in trainer.model.teacher.state_dict().items())
     trainer.train()
     assert trainer.iter == 3
 
