@@ -35,7 +35,7 @@ from .roi_align import use_fast_roi_align
 from .teacher_cfg import build_teacher_cfg, kd_method_names
 
 __all__ = ["build_kd_model", "build_teacher", "build_methods", "check_registered_names", "distiller_kwargs",
-           "load_teacher_and_inherit"]
+           "load_teacher_and_inherit", "validate_kd_model"]
 
 logger = logging.getLogger("kd_det")
 RANDOM_TEACHER_SEED = 0
@@ -105,6 +105,21 @@ def load_teacher_and_inherit(model, cfg) -> None:
                               "teacher must come from TEACHER.MODEL.WEIGHTS (a combined MODEL.WEIGHTS is loaded later)")
         keys = inherit_keys(model.pair, parts)
         logger.info(f"KD.INHERIT {parts}: {len(keys)} tensors copied from the teacher into the student")
+
+
+def validate_kd_model(cfg) -> None:
+    """Build the student, the teacher and the methods on the meta device (no memory, no weights read),
+    so that a method a family cannot serve, FPNs without a common level or a ``KD.INHERIT`` mismatch
+    stop before anything is written."""
+    names = kd_method_names(cfg)
+    check_registered_names(cfg)
+    if not names:
+        return
+    arch = "GeneralizedRCNN" if cfg.MODEL.META_ARCHITECTURE == "RCNNKD" else cfg.MODEL.META_ARCHITECTURE
+    with torch.device("meta"):
+        parts = distiller_kwargs(cfg, arch)
+        if cfg.KD.INHERIT:
+            inherit_keys(DetectorPair.build(parts["student"], parts["teacher"]), list(cfg.KD.INHERIT), copy=False)
 
 
 def build_kd_model(cfg) -> nn.Module:

@@ -139,10 +139,11 @@ def _part_prefixes(model: nn.Module, part: str) -> Tuple[Sequence[str], Sequence
     return ("head.",), ()
 
 
-def inherit_keys(pair: DetectorPair, parts: Sequence[str]) -> List[str]:
+def inherit_keys(pair: DetectorPair, parts: Sequence[str], copy: bool = True) -> List[str]:
     """Copy the named parts' weights from the teacher into the student (``KD.INHERIT``); returns the keys.
 
     Same family only; every key of the part must exist in the teacher with the same shape.
+    ``copy=False`` checks only.
     """
     bad = [p for p in parts if p not in INHERIT_PARTS]
     if bad:
@@ -162,7 +163,7 @@ def inherit_keys(pair: DetectorPair, parts: Sequence[str]) -> List[str]:
                 for k in mismatched[:3])
             more = f" ({len(mismatched)} in all)" if len(mismatched) > 3 else ""
             raise ConfigError(f"KD.INHERIT {part}: student keys that do not match the teacher's: {shown}{more}")
-        for k in keys:
+        for k in keys if copy else ():
             s_state[k].copy_(t_state[k])
         copied += keys
     return copied

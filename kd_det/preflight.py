@@ -16,6 +16,7 @@ from kd_cls.checkpoint_io import CheckpointError
 from kd_cls.config import ConfigError
 from kd_cls.registry import UnknownNameError
 
+from .build import validate_kd_model
 from .distiller import TeacherNotLoadedError
 from .teacher_cfg import kd_method_names
 
@@ -57,6 +58,7 @@ def _holds_teacher(path: str) -> bool:
 
 def check_detection_run(cfg, resume: bool = False, eval_only: bool = False) -> None:
     """Raise a one-line error for what would fail after ``OUTPUT_DIR`` exists (see the module docstring)."""
+    validate_kd_model(cfg)
     if not eval_only:
         for name in cfg.DATASETS.TRAIN:
             _check_dataset(name, "DATASETS.TRAIN")

@@ -4,6 +4,15 @@ Each ~128 px image holds 1-4 non-overlapping filled shapes (circle, square,
 triangle) in random colours on a noisy background. Boxes are the exact
 extents of the drawn polygons; masks are those polygons.
 
+Harder variants, all off by default (the defaults write the same files as
+before, byte for byte): ``scale_range`` (shape radius as fractions of the
+image side), ``occlusion`` (how far shapes may overlap: the later one hides
+part of the earlier, whose box and mask stay those of its whole polygon),
+``clutter`` (up to that many unannotated distractors per image: lines,
+outlines and filled pentagons/hexagons, drawn before the shapes) and
+``contrast`` (1.0: shapes always brighter than the background; lower values
+let their colours approach it).
+
 Two category sets:
 
 * ``"shapes"``: 3 categories (ids 1-3), written to
@@ -65,23 +74,53 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndar
     return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
 
 
-def _render(rng: np.random.Generator, size: int, max_objects: int):
+def _clutter(rng: np.random.Generator, img: np.ndarray, count: int, scale_range, low: int) -> None:
+    """Up to ``count`` unannotated distractors: a line, an outline, or a filled pentagon/hexagon."""
+    import cv2
+
+    size = img.shape[0]
+    for _ in range(int(rng.integers(0, count + 1))):
+        color = tuple(int(c) for c in rng.integers(low, 256, size=3))
+        kind = int(rng.integers(3))
+        r = float(rng.uniform(size * scale_range[0], size * scale_range[1]))
+        cx, cy = rng.uniform(0, size, size=2)
+        if kind == 0:
+            a = float(rng.uniform(0, math.pi))
+            d = np.array([math.cos(a), math.sin(a)]) * r
+            p0, p1 = np.round([cx, cy] - d).astype(int), np.round([cx, cy] + d).astype(int)
+            cv2.line(img, (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), color, 1 + int(rng.integers(2)))
+        else:
+            k = 5 + int(rng.integers(2))
+            t = float(rng.uniform(0, 2 * math.pi)) + np.arange(k) * 2 * math.pi / k
+            poly = np.round(np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)).astype(np.int32)
+            if kind == 1:
+                cv2.polylines(img, [poly], True, color, 1)
+            else:
+                cv2.fillPoly(img, [poly], color)
+
+
+def _render(rng: np.random.Generator, size: int, max_objects: int, scale_range=(0.08, 0.22),
+            occlusion: float = 0.0, clutter: int = 0, contrast: float = 1.0):
     import cv2
 
     img = np.full((size, size, 3), rng.integers(0, 80, size=3), dtype=np.uint8)
     img = np.clip(img.astype(np.int16) + rng.integers(-12, 13, size=img.shape), 0, 255).astype(np.uint8)
+    # Colours from [low, 256): 120 keeps every shape brighter than the background (at most 80 + 12).
+    low = int(round(120 * contrast))
+    if clutter:
+        _clutter(rng, img, clutter, scale_range, low)
     objects, placed = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(20):
-            r = float(rng.uniform(size * 0.08, size * 0.22))
+            r = float(rng.uniform(size * scale_range[0], size * scale_range[1]))
             cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
-            if all(math.hypot(cx - px, cy - py) > r + pr + 2 for px, py, pr in placed):
+            if all(math.hypot(cx - px, cy - py) > (r + pr) * (1 - occlusion) + 2 for px, py, pr in placed):
                 break
         else:
             continue
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         poly = np.round(_polygon(kind, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))).astype(np.int32)
-        color = tuple(int(c) for c in rng.integers(120, 256, size=3))
+        color = tuple(int(c) for c in rng.integers(low, 256, size=3))
         cv2.fillPoly(img, [poly], color)
         placed.append((cx, cy, r))
         x0, y0 = poly.min(0)
@@ -98,12 +137,29 @@ def make_shapes_dataset(
     categories: str = "shapes",
     max_objects: int = 4,
     seed: int = 0,
+    *,
+    scale_range: Tuple[float, float] = (0.08, 0.22),
+    occlusion: float = 0.0,
+    clutter: int = 0,
+    contrast: float = 1.0,
 ) -> Dict[str, Tuple[str, str]]:
     """Write the dataset under ``root``; returns ``{split: (json_file, image_root)}``.
 
-    Deterministic for a given ``seed``. Existing files are overwritten.
+    Deterministic for a given ``seed``. Existing files are overwritten. The
+    keyword-only options make it harder (see the module docstring); their
+    defaults reproduce the original dataset exactly.
     """
     import cv2
+
+    lo, hi = (float(v) for v in scale_range)
+    if not 0 < lo <= hi < 0.5:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high < 0.5 (radius / image side), got {scale_range}")
+    if not 0 <= occlusion < 1:
+        raise ValueError(f"occlusion must be in [0, 1), got {occlusion}")
+    if clutter < 0:
+        raise ValueError(f"clutter must be >= 0, got {clutter}")
+    if not 0 <= contrast <= 1:
+        raise ValueError(f"contrast must be in [0, 1], got {contrast}")
 
     cats, shape_ids = _category_table(categories)
     rng = np.random.default_rng(seed)
@@ -115,7 +171,7 @@ def make_shapes_dataset(
         os.makedirs(os.path.dirname(json_file), exist_ok=True)
         images, anns = [], []
         for i in range(n):
-            img, objects = _render(rng, image_size, max_objects)
+            img, objects = _render(rng, image_size, max_objects, (lo, hi), occlusion, clutter, contrast)
             name = f"{split}_{i:06d}.png"
             cv2.imwrite(os.path.join(image_root, name), img[:, :, ::-1])  # RGB -> BGR for cv2
             images.append({"id": i + 1, "file_name": name, "height": image_size, "width": image_size})

@@ -74,6 +74,26 @@ def test_bad_input_is_one_line_and_writes_nothing(train_net, shapes_root, tmp_pa
     assert not out.exists()
 
 
+RETINA = os.path.join(DET, "ReviewKD", "ReviewKD-RetinaNet-R18-R101.yaml")
+RETINA_SHAPES = ["DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "('shapes_val',)",
+                 "MODEL.RETINANET.NUM_CLASSES", "3", "TEACHER.MODEL.WEIGHTS", "", "KD.ALLOW_RANDOM_TEACHER", "True"]
+
+
+@pytest.mark.parametrize("opts, match", [
+    (["KD.METHODS", "['DKD']"], "KD method DKD does not serve a retinanet student"),
+    (["KD.INHERIT", "['neck']"], "KD.INHERIT neck: student keys that do not match the teacher's: "
+                                 "backbone.fpn_lateral3.weight (256, 128, 1, 1) vs (256, 512, 1, 1)"),
+    (["KD.TYPE", "ReviewKD"], "are both set"),
+])
+def test_model_level_errors_come_before_output_dir(train_net, shapes_root, tmp_path, capsys, opts, match):
+    out = tmp_path / "out"
+    code, err = _run(train_net, capsys, ["--config-file", RETINA] + TINY_OPTS + RETINA_SHAPES +
+                     ["OUTPUT_DIR", str(out)] + opts)
+    errors = [l for l in err if l.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and match in errors[0], err
+    assert not out.exists()
+
+
 def test_missing_config_file_is_one_line(train_net, capsys, tmp_path):
     code, err = _run(train_net, capsys, ["--config-file", str(tmp_path / "none.yaml")])
     assert code == 2 and err[-1].startswith("error: config file not found")
