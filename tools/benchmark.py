@@ -14,6 +14,7 @@ dicts), so no dataset is needed. The cases live in ``tools/bench``. Examples::
 
     python tools/benchmark.py --device cpu
     python tools/benchmark.py --device cpu --case a --mdistiller ../mdistiller --rounds 6
+    python tools/benchmark.py --device cpu --case a --teacher-cache warm --mdistiller ../mdistiller
     python tools/benchmark.py --device cuda --case a --loader-only
 """
 from __future__ import annotations
@@ -66,7 +67,14 @@ def parse_args(argv=None):
     p.add_argument("--mdistiller-layout", choices=("native", "ours"), default="native",
                    help="memory layout of mdistiller's batch: native = contiguous NCHW, as its own loader "
                         "(ToTensor, Normalize, default collate) yields; ours = the NHWC batch our loader yields")
+    p.add_argument("--teacher-cache", choices=("off", "cold", "warm"), default="off",
+                   help="case a's teacher-logit cache (docs/teacher_cache.md). off: the teacher runs every step; "
+                        "cold: every timed step misses (its entries are cleared first), runs the teacher and writes "
+                        "back; warm: the timed batch's entries are filled first (untimed), so no step runs the teacher")
     p.add_argument("--det-opts", nargs="*", default=[], help="extra detectron2 KEY VALUE overrides for cases c and d")
+    p.add_argument("--det-methods", nargs="*", default=[],
+                   help="cases c and d: also time what each named KD method adds to the step, against a no-op "
+                        "method with the same needs ('all': every method the case's families serve)")
     p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG results")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     args = p.parse_args(argv)
@@ -75,6 +83,8 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown case {bad[0]!r}; valid: {', '.join(CASES)}, all")
     args.cases = cases
+    if args.teacher_cache != "off" and set(cases) != {"a"}:
+        p.error(f"--teacher-cache {args.teacher_cache} works with --case a only (the one finite augmentation)")
     if args.image_size:
         try:
             hw = [int(v) for v in str(args.image_size).lower().split("x")]

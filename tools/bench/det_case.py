@@ -150,4 +150,11 @@ def run_detection(case: str, args, device, tmp: str) -> Dict:
         fast_ms = statistics.fmean(parts[3][1]) * 1000
         out.update(student_fast_step_ms=round(fast_ms, 2), kd_added_ms=round(out["step_ms_mean"] - fast_ms, 2))
     out["within_bound_1.1"] = out["ratio_to_parts"] <= 1.1
+    if getattr(args, "det_methods", None):
+        from .det_methods import DEFAULT_METHODS, run_method_overheads
+
+        methods = DEFAULT_METHODS[case] if "all" in args.det_methods else list(args.det_methods)
+        with EventStorage(0):
+            out["method_overheads"] = run_method_overheads(case, cfg, model.student, model.teacher, methods, inputs,
+                                                           warmup, steps, device)
     return out
