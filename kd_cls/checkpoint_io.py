@@ -55,15 +55,15 @@ def _temp_path(path: str) -> str:
     return os.path.join(d, f".{base}{_TMP_MARK}{os.getpid()}")
 
 
-def atomic_save(obj, path: str) -> str:
-    """``torch.save(obj, path)`` atomically (see the module docstring). Returns ``path``."""
+def _atomic_write(path: str, write) -> str:
+    """Call ``write(binary file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = _temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,21 +71,16 @@ def atomic_save(obj, path: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def atomic_save(obj, path: str) -> str:
+    """``torch.save(obj, path)`` atomically (see the module docstring). Returns ``path``."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str, text: str) -> str:
-    """Write a text file atomically (temporary file, fsync, rename), like :func:`atomic_save`."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write a text file atomically, like :func:`atomic_save`."""
+    return _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 _SHA_CACHE: Dict[tuple, str] = {}

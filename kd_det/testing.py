@@ -92,3 +92,37 @@ def example_config_names(det_configs_dir: str) -> List[str]:
         for p in glob.glob(os.path.join(det_configs_dir, "*", "*.yaml"))
         if not os.path.basename(os.path.dirname(p)).startswith("COCO-") and _arch(p) != "RCNNKD"
     )
+
+
+#: R-18 detector configs of each family (small, for tests), relative to the repository's configs/detection.
+FAMILY_CONFIGS = {
+    "rcnn": "COCO-Detection/faster_rcnn_R_18_FPN_3x.yaml",
+    "mask_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_18_FPN_3x.yaml",
+    "retinanet": "COCO-Detection/retinanet_R_18_FPN_3x.yaml",
+    "fcos": "COCO-Detection/fcos_R_18_FPN_1x.yaml",
+}
+
+
+def write_kd_config(folder, det_configs_dir: str, student: str, teacher: str, methods, extra: str = "") -> str:
+    """A distillation config made only of ``_BASE_`` (the student family's R-18 config), ``TEACHER.CONFIG_FILE``
+    (the teacher family's) and ``KD.METHODS``, plus ``extra`` YAML lines under ``KD:``; returns its path."""
+    path = os.path.join(str(folder), f"{teacher}-to-{student}.yaml")
+    with open(path, "w") as f:
+        f.write(f'_BASE_: "{os.path.join(det_configs_dir, FAMILY_CONFIGS[student])}"\n'
+                f'TEACHER:\n  CONFIG_FILE: "{os.path.join(det_configs_dir, FAMILY_CONFIGS[teacher])}"\n'
+                f"KD:\n  METHODS: {list(methods)}\n" + extra)
+    return path
+
+
+def stub_detector(strides, channels: int = 8):
+    """A module whose ``backbone.output_shape()`` lists FPN levels of the given strides (pairing tests)."""
+    from detectron2.layers import ShapeSpec
+    from torch import nn
+
+    class Backbone(nn.Module):
+        def output_shape(self):
+            return {f"p{s.bit_length() - 1}": ShapeSpec(channels=channels, stride=s) for s in strides}
+
+    det = nn.Module()
+    det.backbone = Backbone()
+    return det

@@ -14,15 +14,12 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from kd_cls.config import ConfigError  # noqa: E402
 from kd_det import DetectionDistiller, TeacherNotLoadedError, build_kd_model, export_student, get_kd_cfg  # noqa: E402
 from kd_det.pairing import DetectorPair  # noqa: E402
-from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
+from kd_det.testing import FAMILY_CONFIGS, TINY_OPTS, stub_detector, synthetic_batch  # noqa: E402
+from kd_det.testing import write_kd_config as _write_kd_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET = os.path.join(REPO, "configs", "detection")
-FAMILY_CFG = {
-    "rcnn": os.path.join(DET, "COCO-Detection", "faster_rcnn_R_18_FPN_3x.yaml"),
-    "retinanet": os.path.join(DET, "COCO-Detection", "retinanet_R_18_FPN_3x.yaml"),
-    "fcos": os.path.join(DET, "COCO-Detection", "fcos_R_18_FPN_1x.yaml"),
-}
+FAMILY_CFG = {f: os.path.join(DET, path) for f, path in FAMILY_CONFIGS.items()}
 STUDENT_LOSSES = {
     "rcnn": {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"},
     "retinanet": {"loss_cls", "loss_box_reg"},
@@ -33,14 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_kd_config(tmp_path, student: str, teacher: str, methods, extra: str = "") -> str:
-    """A config made only of _BASE_, TEACHER.CONFIG_FILE and KD.METHODS (plus ``extra`` lines)."""
-    path = tmp_path / f"{teacher}-to-{student}.yaml"
-    path.write_text(
-        f'_BASE_: "{FAMILY_CFG[student]}"\n'
-        f'TEACHER:\n  CONFIG_FILE: "{FAMILY_CFG[teacher]}"\n'
-        f"KD:\n  METHODS: {list(methods)}\n" + extra
-    )
-    return str(path)
+    """A config made only of _BASE_, TEACHER.CONFIG_FILE and KD.METHODS (plus ``extra`` lines under KD)."""
+    return _write_kd_config(tmp_path, DET, student, teacher, methods, extra)
 
 
 def build(tmp_path, student, teacher, methods=("ReviewKD",), *opts, extra=""):
@@ -241,22 +232,7 @@ def test_example_configs_build(tmp_path):
 
 
 def test_no_common_level_is_one_line():
-    class Backbone(torch.nn.Module):
-        def __init__(self, strides):
-            super().__init__()
-            self.strides = strides
-
-        def output_shape(self):
-            from detectron2.layers import ShapeSpec
-
-            return {f"p{s.bit_length() - 1}": ShapeSpec(channels=8, stride=s) for s in self.strides}
-
-    class Det(torch.nn.Module):
-        def __init__(self, strides):
-            super().__init__()
-            self.backbone = Backbone(strides)
-
-    pair = DetectorPair.build(Det([4, 8]), Det([16, 32]))
+    pair = DetectorPair.build(stub_detector([4, 8]), stub_detector([16, 32]))
     with pytest.raises(ConfigError) as e:
         pair.require_fpn_pairs("ReviewKD")
     msg = str(e.value)

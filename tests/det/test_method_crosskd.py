@@ -14,15 +14,11 @@ from kd_cls.config import ConfigError  # noqa: E402
 from kd_cls.losses import kd_quality_focal_loss  # noqa: E402
 from kd_det import build_kd_model, get_kd_cfg  # noqa: E402
 from kd_det.methods.crosskd import CrossKD, align_scale, aligned_iou_loss  # noqa: E402
-from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
+from kd_det.testing import FAMILY_CONFIGS, TINY_OPTS, synthetic_batch, write_kd_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET = os.path.join(REPO, "configs", "detection")
-FAMILY_CFG = {
-    "rcnn": os.path.join(DET, "COCO-Detection", "faster_rcnn_R_18_FPN_3x.yaml"),
-    "retinanet": os.path.join(DET, "COCO-Detection", "retinanet_R_18_FPN_3x.yaml"),
-    "fcos": os.path.join(DET, "COCO-Detection", "fcos_R_18_FPN_1x.yaml"),
-}
+FAMILY_CFG = {f: os.path.join(DET, path) for f, path in FAMILY_CONFIGS.items()}
 KD_LOSSES = ("loss_crosskd_cls", "loss_crosskd_reg")
 # jbwang1997/CrossKD at 87e156a, configs/crosskd/: crosskd_r50_retinanet_r101_fpn_2x_coco.py and
 # crosskd_r50_fcos_r101-2x-ms_caffe_fpn_gn-head_2x_ms_coco.py, kd_cfg.
@@ -34,19 +30,13 @@ OFFICIAL = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_kd_config(tmp_path, student: str, teacher: str, extra: str = "") -> str:
-    path = tmp_path / f"{teacher}-to-{student}.yaml"
-    path.write_text(
-        f'_BASE_: "{FAMILY_CFG[student]}"\n'
-        f'TEACHER:\n  CONFIG_FILE: "{FAMILY_CFG[teacher]}"\n'
-        'KD:\n  METHODS: ["CrossKD"]\n' + extra
-    )
-    return str(path)
+def write_config(tmp_path, student: str, teacher: str, extra: str = "") -> str:
+    return write_kd_config(tmp_path, DET, student, teacher, ["CrossKD"], extra)
 
 
 def build(tmp_path, student, teacher, *opts):
     torch.manual_seed(0)
-    return build_kd_model(get_kd_cfg(write_kd_config(tmp_path, student, teacher), TINY_OPTS + list(opts)))
+    return build_kd_model(get_kd_cfg(write_config(tmp_path, student, teacher), TINY_OPTS + list(opts)))
 
 
 def _blocks(subnet):
@@ -121,7 +111,7 @@ def test_trains_and_reaches_only_the_head_before_the_cut(tmp_path, family, monke
 
 def test_official_defaults_per_family(tmp_path):
     for family, official in OFFICIAL.items():
-        cfg = get_kd_cfg(write_kd_config(tmp_path, family, family), TINY_OPTS)
+        cfg = get_kd_cfg(write_config(tmp_path, family, family), TINY_OPTS)
         for key in ("REUSED_HEAD_IDX", "CLS_WEIGHT", "REG_WEIGHT", "REG_LOSS"):
             assert cfg.KD.CROSSKD.get(key) is None  # resolved per family when built
         resolved = CrossKD.resolved(cfg, family)
@@ -153,7 +143,7 @@ def test_reused_head_idx_0_and_the_range(tmp_path):
     assert fpn and any(_has_grad(m) for m in fpn)
     assert all(p.grad is None for p in model.teacher.parameters())
     # Bad values on the same pair: one-line errors naming the value and what is valid.
-    path = write_kd_config(tmp_path, "retinanet", "retinanet")
+    path = write_config(tmp_path, "retinanet", "retinanet")
     for opts, words in ((["KD.CROSSKD.REUSED_HEAD_IDX", "9"], ("REUSED_HEAD_IDX 9", "0..4")),
                         (["KD.CROSSKD.REG_LOSS", "l1"], ("REG_LOSS 'l1'", "giou, iou"))):
         with pytest.raises(ConfigError) as e:

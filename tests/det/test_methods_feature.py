@@ -23,16 +23,11 @@ from kd_det.methods.cwd import CWDFPN  # noqa: E402
 from kd_det.methods.fitnet import fpn_connectors  # noqa: E402
 from kd_det.methods.pkd import PKDFPN, select_levels  # noqa: E402
 from kd_det.pairing import DetectorPair  # noqa: E402
-from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
+from kd_det.testing import FAMILY_CONFIGS, TINY_OPTS, stub_detector, synthetic_batch, write_kd_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET = os.path.join(REPO, "configs", "detection")
-CFG = {
-    "rcnn": os.path.join(DET, "COCO-Detection", "faster_rcnn_R_18_FPN_3x.yaml"),
-    "mask_rcnn": os.path.join(DET, "COCO-InstanceSegmentation", "mask_rcnn_R_18_FPN_3x.yaml"),
-    "retinanet": os.path.join(DET, "COCO-Detection", "retinanet_R_18_FPN_3x.yaml"),
-    "fcos": os.path.join(DET, "COCO-Detection", "fcos_R_18_FPN_1x.yaml"),
-}
+CFG = {f: os.path.join(DET, path) for f, path in FAMILY_CONFIGS.items()}
 METHODS = ["FitNet", "PKD", "CWD"]
 # PKD's LOSS_WEIGHT by the teacher's family, open-mmlab/mmrazor 90c7af1, configs/distill/mmdet/pkd/:
 # R-CNN teacher 6 (pkd_fpn_faster-rcnn_r101_faster-rcnn_r50_2x_coco.py, and
@@ -44,10 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_config(tmp_path, student, teacher, methods, extra=""):
-    path = tmp_path / f"{teacher}-to-{student}.yaml"
-    path.write_text(f'_BASE_: "{CFG[student]}"\nTEACHER:\n  CONFIG_FILE: "{CFG[teacher]}"\n'
-                    f"KD:\n  METHODS: {list(methods)}\n" + extra)
-    return str(path)
+    return write_kd_config(tmp_path, DET, student, teacher, methods, extra)
 
 
 def build(tmp_path, student, teacher, methods=METHODS, *opts):
@@ -255,22 +247,7 @@ def test_example_configs_build(name, families, check):
 
 
 def test_no_common_level_is_one_line():
-    class Backbone(torch.nn.Module):
-        def __init__(self, strides):
-            super().__init__()
-            self.strides = strides
-
-        def output_shape(self):
-            from detectron2.layers import ShapeSpec
-
-            return {f"p{s.bit_length() - 1}": ShapeSpec(channels=8, stride=s) for s in self.strides}
-
-    class Det(torch.nn.Module):
-        def __init__(self, strides):
-            super().__init__()
-            self.backbone = Backbone(strides)
-
-    pair = DetectorPair.build(Det([4, 8]), Det([16, 32]))
+    pair = DetectorPair.build(stub_detector([4, 8]), stub_detector([16, 32]))
     cfg = d2_defaults()
     for cls in (PKDFPN, CWDFPN):
         with pytest.raises(ConfigError, match="no FPN level with the same stride") as e:
