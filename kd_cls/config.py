@@ -164,6 +164,10 @@ def base_cfg() -> CfgNode:
     cfg.SOLVER.COMPILE = False
     cfg.SOLVER.CHANNELS_LAST = True  # NHWC convolutions: faster with oneDNN (CPU) and cuDNN
     cfg.SOLVER.FOLD_TEACHER_BN = True
+    # Not in mdistiller: a folder of teacher-logit caches ("" = off). Methods that read only the
+    # teacher's logits (KD, DKD) then run the teacher once per (image, augmentation view) across
+    # all runs that share the teacher and data (see docs/teacher_cache.md).
+    cfg.SOLVER.TEACHER_CACHE = ""
 
     cfg.LOG = C()
     cfg.LOG.TENSORBOARD_FREQ = 500

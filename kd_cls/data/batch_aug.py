@@ -10,15 +10,29 @@ given crop offsets and flip flags the result is bit-identical to torchvision's
 
 This removes the per-image PIL work and the worker processes that dominate
 small-model CIFAR training.
+
+A *view* is one outcome of the augmentation, ``(row offset, column offset,
+flip)``: CIFAR has 9 x 9 x 2 = 162 of them per image. With ``with_view`` the
+loader reports each sample's view id (:meth:`BatchAugment.view_ids`), which
+is what lets a teacher's logits be cached per (sample, view).
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BatchAugment", "DeviceLoader", "dist_rank_world"]
+__all__ = ["BatchAugment", "DeviceLoader", "ViewBatch", "dist_rank_world"]
+
+
+class ViewBatch(NamedTuple):
+    """A training batch that names its extras, so the trainer passes ``view=`` by name."""
+
+    image: torch.Tensor
+    target: torch.Tensor
+    index: torch.Tensor
+    view: torch.Tensor
 
 
 def dist_rank_world() -> Tuple[int, int]:
@@ -55,6 +69,31 @@ class BatchAugment:
         offsets = torch.randint(0, hi, (n, 2), generator=generator)
         flips = torch.rand(n, generator=generator) < 0.5
         return offsets, flips
+
+    def num_positions(self, in_size: int) -> int:
+        """Crop offsets per axis: ``in_size + 2 * padding - size + 1``."""
+        return in_size + 2 * self.padding - self.size + 1
+
+    def num_views(self, in_size: int) -> int:
+        """Distinct outcomes of the augmentation of one image: offsets squared, times flip or not."""
+        return self.num_positions(in_size) ** 2 * 2
+
+    def view_ids(self, offsets: torch.Tensor, flips: torch.Tensor, in_size: int) -> torch.Tensor:
+        """``(row * positions + col) * 2 + flip``: int64 ids in ``[0, num_views)``."""
+        m = self.num_positions(in_size)
+        return (offsets[:, 0].long() * m + offsets[:, 1].long()) * 2 + flips.long()
+
+    def view_params(self, views: torch.Tensor, in_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ``(offsets, flips)`` of view ids: the inverse of :meth:`view_ids`."""
+        m = self.num_positions(in_size)
+        views = views.long()
+        pos = views // 2
+        return torch.stack([pos // m, pos % m], dim=1), (views % 2).bool()
+
+    def settings(self, in_size: int) -> Dict:
+        """Everything that decides the pixels of a view (part of a teacher cache's key)."""
+        return {"mean": list(self.mean), "std": list(self.std), "crop": self.size, "padding": self.padding,
+                "flip": True, "in_size": int(in_size), "views": self.num_views(in_size)}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, H, W, C)`` uint8 -> ``(N, C, H, W)`` float32, ``(x / 255 - mean) / std``."""
@@ -98,6 +137,8 @@ class DeviceLoader:
 
     Yields ``(image, target)`` or, with ``with_index``, ``(image, target, index)``
     with ``image`` ``(B, 3, 32, 32)`` float32, on the device the data lives on.
+    With ``with_view`` too (an attribute a teacher cache switches on), training
+    batches are :class:`ViewBatch` es that add each sample's view id.
     Under ``torch.distributed`` each rank takes every ``world``-th sample of the
     shared permutation (padded to equal length when shuffling, as
     ``DistributedSampler`` does); ``batch_size`` is then per rank.
@@ -125,6 +166,7 @@ class DeviceLoader:
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
         self.epoch: Optional[int] = None
+        self.with_view = False
         self._iters = 0
         self.dataset = images  # len(loader.dataset) as with a DataLoader
 
@@ -167,6 +209,13 @@ class DeviceLoader:
                 break
             bidx_dev = bidx.to(dev)
             raw = self.images.index_select(0, bidx_dev)
-            img = self.augment(raw, generator=g) if self.augment is not None else self.normalizer.normalize(raw)
             target = self.targets.index_select(0, bidx_dev)
+            if self.augment is None:
+                img = self.normalizer.normalize(raw)
+            else:  # the draws BatchAugment.__call__ would make itself, kept to report the views
+                offsets, flips = self.augment.sample_params(raw.shape[0], raw.shape[1], g)
+                img = self.augment(raw, offsets, flips)
+                if self.with_view and self.with_index:
+                    yield ViewBatch(img, target, bidx_dev, self.augment.view_ids(offsets, flips, raw.shape[1]).to(dev))
+                    continue
             yield (img, target, bidx_dev) if self.with_index else (img, target)

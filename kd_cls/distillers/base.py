@@ -67,6 +67,9 @@ class Distiller(nn.Module):
     """
 
     method_name = "NONE"
+    #: The method reads the teacher's logits and nothing else (no features): a teacher-logit cache
+    #: (``SOLVER.TEACHER_CACHE``) can then stand in for the teacher's forward pass.
+    teacher_logits_only = False
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg=None, num_data: Optional[int] = None):
         super().__init__()
@@ -81,6 +84,8 @@ class Distiller(nn.Module):
             FrozenTeacher(teacher, fold_bn=fold, channels_last=channels_last) if teacher is not None else None
         )
         self._captures: Dict[tuple, FeatureCapture] = {}
+        # A kd_cls.nn.teacher_cache.TeacherLogitCache, attached by the engine when the run can use one.
+        self.teacher_cache = None
 
     # ----- parameters (mdistiller's API) -----
     def extra_modules(self) -> List[nn.Module]:
@@ -131,11 +136,40 @@ class Distiller(nn.Module):
         cap.clear()
         return logits, feats
 
-    def run_teacher(self, image: torch.Tensor, taps: Sequence[str] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """``(logits, [features at taps])`` of the frozen teacher, without gradients."""
+    def run_teacher(self, image: torch.Tensor, taps: Sequence[str] = (), index: Optional[torch.Tensor] = None,
+                    view: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``(logits, [features at taps])`` of the frozen teacher, without gradients.
+
+        With a teacher cache attached and the batch's sample ``index`` and
+        augmentation ``view`` given, logits come from the cache and the teacher
+        runs on the misses only (see :meth:`cached_teacher_logits`).
+        """
         if self.frozen_teacher is None:
             raise RuntimeError(f"{type(self).__name__} needs a teacher, but none was given")
+        if self.teacher_cache is not None and not taps and index is not None and view is not None:
+            return self.cached_teacher_logits(image, index, view), []
         return self.frozen_teacher.run(image, taps=taps)
+
+    def cached_teacher_logits(self, image: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of ``image`` from the cache; misses are computed in one batch and stored."""
+        cache = self.teacher_cache
+        hits, cached = cache.lookup(index, view)
+        dev = image.device
+        if bool(hits.all()):
+            # What the teacher would return under autocast (the cache holds its values in float32).
+            amp = torch.is_autocast_enabled(dev.type)
+            return cached.to(dev, torch.get_autocast_dtype(dev.type) if amp else torch.float32)
+        if not bool(hits.any()):
+            logits, _ = self.frozen_teacher.run(image)
+            cache.store(index, view, logits)
+            return logits
+        miss = (~hits).nonzero().squeeze(1)
+        miss_dev = miss.to(dev)
+        logits, _ = self.frozen_teacher.run(image.index_select(0, miss_dev))
+        cache.store(index.index_select(0, miss_dev), view.index_select(0, miss_dev), logits)
+        out = cached.to(dev, logits.dtype)
+        out[miss_dev] = logits
+        return out
 
     # ----- forward -----
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):

@@ -8,6 +8,8 @@ from .base import Distiller, register_distiller, warmup_factor
 
 @register_distiller("DKD")
 class DKD(Distiller):
+    teacher_logits_only = True
+
     @staticmethod
     def add_config(cfg):
         from kd_cls.config import CfgNode as CN
@@ -27,9 +29,9 @@ class DKD(Distiller):
         self.temperature = cfg.DKD.T
         self.warmup = cfg.DKD.WARMUP
 
-    def forward_train(self, image, target, epoch=None, **kwargs):
+    def forward_train(self, image, target, epoch=None, index=None, view=None, **kwargs):
         logits_s, _ = self.run_student(image)
-        logits_t, _ = self.run_teacher(image)
+        logits_t, _ = self.run_teacher(image, index=index, view=view)
         loss_kd = warmup_factor(epoch, self.warmup) * dkd_loss(
             logits_s, logits_t, target, self.alpha, self.beta, self.temperature
         )

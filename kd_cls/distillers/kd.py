@@ -8,6 +8,8 @@ from .base import Distiller, register_distiller
 
 @register_distiller("KD")
 class KD(Distiller):
+    teacher_logits_only = True
+
     @staticmethod
     def add_config(cfg):
         from kd_cls.config import CfgNode as CN
@@ -24,9 +26,9 @@ class KD(Distiller):
         self.ce_weight = cfg.KD.LOSS.CE_WEIGHT
         self.kd_weight = cfg.KD.LOSS.KD_WEIGHT
 
-    def forward_train(self, image, target, **kwargs):
+    def forward_train(self, image, target, index=None, view=None, **kwargs):
         logits_s, _ = self.run_student(image)
-        logits_t, _ = self.run_teacher(image)
+        logits_t, _ = self.run_teacher(image, index=index, view=view)
         return logits_s, {
             "loss_ce": self.ce_weight * F.cross_entropy(logits_s, target),
             "loss_kd": self.kd_weight * kd_loss(logits_s, logits_t, self.temperature),

@@ -24,9 +24,10 @@ from kd_cls.checkpoint_io import CheckpointError, add_prefix, atomic_save, load_
 __all__ = ["ResumeError", "RESUME_MUTABLE_PREFIXES", "RESUME_MUTABLE_KEYS", "config_differences",
            "full_state", "save_run_checkpoints", "load_latest", "check_resumable_config"]
 
-# Keys that may differ between a run and its --resume: logging, and the length of the run.
+# Keys that may differ between a run and its --resume: logging, the length of the run, and the
+# teacher cache (it gives the teacher's own logits, so it may be turned on or off mid-run).
 RESUME_MUTABLE_PREFIXES = ("LOG.",)
-RESUME_MUTABLE_KEYS = ("SOLVER.EPOCHS",)
+RESUME_MUTABLE_KEYS = ("SOLVER.EPOCHS", "SOLVER.TEACHER_CACHE")
 
 
 class ResumeError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Command lines of ``tools/train.py`` and ``tools/eval.py`` (mdistiller's arguments).
+"""Command lines of ``tools/train.py`` and ``tools/eval.py`` (mdistiller's arguments), and ``tools/cache_teacher.py``.
 
 Expected failures (a bad name, a config typo, a missing file, an unusable
 checkpoint, a NaN loss) end with one ``error: ...`` line on stderr and exit
@@ -14,6 +14,7 @@ from typing import List, Optional
 from kd_cls.checkpoint_io import CheckpointError
 from kd_cls.config import CfgNode, ConfigError
 from kd_cls.data import DATASETS
+from kd_cls.nn.teacher_cache import human_bytes
 from kd_cls.registry import UnknownNameError
 
 from .checkpoint import ResumeError
@@ -22,8 +23,9 @@ from .distributed import is_main
 from .hooks import NonFiniteLossError
 from .launch import build_run, evaluate_checkpoint
 from .logger import log_msg
+from .teacher_cache import fill_from_cfg
 
-__all__ = ["train_main", "eval_main", "USER_ERRORS"]
+__all__ = ["train_main", "eval_main", "cache_main", "USER_ERRORS"]
 
 USER_ERRORS = (ConfigError, UnknownNameError, FileNotFoundError, CheckpointError, ResumeError,
                NonFiniteLossError, ValueError)
@@ -130,4 +132,37 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as e:
         return _fail(e)
     print(f"top-1 {top1:.2f} top-5 {top5:.2f} loss {loss:.4f}", flush=True)
+    return 0
+
+
+CACHE_EXAMPLES = """examples:
+  python3 tools/cache_teacher.py --cfg configs/cifar100/dkd/res32x4_res8x4.yaml SOLVER.TEACHER_CACHE ./teacher_cache
+  python3 tools/cache_teacher.py --cfg configs/cifar100/kd.yaml SOLVER.TEACHER_CACHE ./teacher_cache --batch-size 4096
+  python3 tools/train.py --cfg configs/cifar100/dkd/res32x4_res8x4.yaml SOLVER.TEACHER_CACHE ./teacher_cache
+
+The cache is keyed by the teacher's weights, the data and the transform: every method and
+student that shares them reads the same file. A killed fill resumes where it stopped when the
+same command runs again. See docs/teacher_cache.md."""
+
+
+def cache_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        "tools/cache_teacher.py", epilog=CACHE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fill the teacher-logit cache of a config (SOLVER.TEACHER_CACHE): the teacher's logits for "
+                    "every (training image, augmentation view), computed once in inference mode with BatchNorm "
+                    "folded, so that later KD and DKD runs with the same teacher skip its forward pass.")
+    parser.add_argument("--cfg", type=str, default="", help="config file of a KD or DKD run (mdistiller's schema)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="images per teacher forward pass (default 1024)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="KEY VALUE overrides, e.g. SOLVER.TEACHER_CACHE ./teacher_cache")
+    args = parser.parse_args(argv)
+    try:
+        out = fill_from_cfg(load_cfg(args.cfg, args.opts or []), args.batch_size, not args.no_progress)
+    except USER_ERRORS as e:
+        return _fail(e)
+    rate = out["filled_now"] / out["seconds"] if out["seconds"] > 0 else 0.0
+    print(f"filled {out['filled_now']} entries in {out['seconds']:.1f} s ({rate:.0f} entries/s); "
+          f"{out['filled']} of {out['rows']} entries are filled", flush=True)
+    print(f"cache file {out['path']}: {human_bytes(out['size'])} ({out['size']} bytes)", flush=True)
     return 0

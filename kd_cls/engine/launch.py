@@ -24,6 +24,7 @@ from .distributed import barrier, init_distributed, is_main
 from .logger import log_msg
 from .metrics import validate
 from .preflight import check_output_dir, check_values
+from .teacher_cache import attach_teacher_cache
 from .trainers import get_trainer, seed_everything
 
 __all__ = ["experiment_name", "build_run", "train_from_cfg", "evaluate_checkpoint", "OVERRIDE_SEPARATOR"]
@@ -36,8 +37,8 @@ _MAX_NAME = 200
 def experiment_name(cfg, opts: Sequence[str] = ()) -> str:
     """``EXPERIMENT.PROJECT/<EXPERIMENT.NAME or EXPERIMENT.TAG>[+KEY:VALUE,...]``, as mdistiller names runs.
 
-    Overrides of ``LOG.*`` keys and of ``SOLVER.EPOCHS`` are left out, so that
-    ``--resume`` with other logging options, or more epochs, finds the same run.
+    Overrides of ``LOG.*`` keys, ``SOLVER.EPOCHS`` and ``SOLVER.TEACHER_CACHE`` are left out, so that
+    ``--resume`` with other logging options, more epochs or the cache on or off finds the same run.
     ``/`` in values becomes ``_``.
     """
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
@@ -102,6 +103,7 @@ def build_run(cfg, opts: Sequence[str] = (), resume: bool = False):
         for note in distiller.extra_parameter_notes():
             print(log_msg(note), flush=True)
     distiller.check_shapes(info.image_size)
+    attach_teacher_cache(cfg, distiller, train_loader)
     trainer_cls = get_trainer(cfg.SOLVER.TRAINER)
     return trainer_cls(name, distiller, train_loader, val_loader, cfg)
 

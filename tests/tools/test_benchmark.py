@@ -56,6 +56,29 @@ def test_classification_cases_tiny(bench, tmp_path, keep_cuda_env, capsys):
     assert results == lines
 
 
+def test_case_a_with_a_warm_teacher_cache(bench, tmp_path, keep_cuda_env, capsys, monkeypatch):
+    from kd_cls.nn.teacher import FrozenTeacher
+
+    teacher_batches = []
+    run = FrozenTeacher.run
+
+    def counting(self, *inputs, **kw):
+        teacher_batches.append(inputs[0].shape[0])
+        return run(self, *inputs, **kw)
+
+    monkeypatch.setattr(FrozenTeacher, "run", counting)
+    bench.main(["--device", "cpu", "--case", "a", "--teacher-cache", "warm", "--steps", "2", "--warmup", "0",
+                "--batch-size", "2", "--workers", "0", "--no-plain", "--no-mem-probe", "--no-plot",
+                "--out", str(tmp_path)])
+    (r,) = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    _check_common(r, "a")
+    assert r["teacher_cache"] == "warm" and r["images_per_s"] > 0
+    assert teacher_batches == [2]  # the untimed fill only: no timed step ran the teacher
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--case", "b", "--teacher-cache", "warm"])
+    assert "works with --case a only" in capsys.readouterr().err
+
+
 def test_loader_only_mode(bench, tmp_path, keep_cuda_env, capsys):
     bench.main(["--device", "cpu", "--case", "a", "--loader-only", "--batch-size", "8", "--steps", "2",
                 "--workers", "0", "--no-plot", "--out", str(tmp_path)])

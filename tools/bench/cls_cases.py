@@ -2,6 +2,10 @@
 
 a  DKD, resnet32x4 -> resnet8x4 on CIFAR-100 pickles, 32x32;
 b  KD, ResNet34 -> ResNet18 on an ImageFolder tree of 500x375 JPEGs, 224x224.
+
+Case a can run with the teacher-logit cache (``--teacher-cache cold|warm``);
+the timed steps then all use one batch, whose entries are cleared before each
+step (cold) or filled once before timing (warm).
 """
 from __future__ import annotations
 
@@ -89,6 +93,25 @@ def _teacher_copy_stats(distiller) -> Dict:
     return {"teacher_copy_mb": round(nbytes / 2**20, 1), "folded_bns": len(getattr(copy_, "folded_pairs", {}))}
 
 
+def _attach_cache(cfg, trainer, train_loader, first, mode: str, tmp: str):
+    """Give the trainer a teacher cache in ``tmp``; returns the hook each cold step runs first (or None)."""
+    import torch
+
+    from kd_cls.engine.teacher_cache import attach_teacher_cache
+
+    cfg = cfg.clone()
+    cfg.SOLVER.TEACHER_CACHE = os.path.join(tmp, "teacher_cache")
+    cache = attach_teacher_cache(cfg, trainer.distiller, train_loader)
+    if mode == "cold":
+        return lambda: cache.forget(first.index, first.view)
+    image = trainer.unpack(first)[0]  # warm: the timed batch's entries, computed as a step would
+    with torch.no_grad(), trainer.autocast():
+        logits, _ = trainer.distiller.frozen_teacher.run(image)
+    cache.store(first.index, first.view, logits)
+    cache.commit()
+    return None
+
+
 def run_classification(case: str, args, device, tmp: str) -> Dict:
     from kd_cls.data.registry import get_dataset_info
 
@@ -98,8 +121,10 @@ def run_classification(case: str, args, device, tmp: str) -> Dict:
     config_file = _write_data(case, tmp, batch)
     cfg = _cls_cfg(config_file, batch, tmp, args.workers, fast=args.path == "fast")
     info = get_dataset_info(cfg.DATASET.TYPE)
+    cache_mode = getattr(args, "teacher_cache", "off")
     out: Dict = {"case": case, "device": device.type, "path": args.path, "method": cfg.DISTILLER.TYPE,
-                 "teacher": cfg.DISTILLER.TEACHER, "student": cfg.DISTILLER.STUDENT, "batch_size": batch}
+                 "teacher": cfg.DISTILLER.TEACHER, "student": cfg.DISTILLER.STUDENT, "batch_size": batch,
+                 "teacher_cache": cache_mode}
     train_loader = info.build(cfg)[0]
     n_loader = max(2, len(train_loader) - 1)  # every batch but the first: prefetching has drained
     out["loader_images_per_s"] = None if args._probe else time_loader(train_loader, n_loader, device)
@@ -107,6 +132,7 @@ def run_classification(case: str, args, device, tmp: str) -> Dict:
         cfg_pil = cfg.clone()
         cfg_pil.DATASET.BATCH_AUG = False
         out["loader_pil_images_per_s"] = time_loader(info.build(cfg_pil)[0], n_loader, device)
+    train_loader.with_view = cache_mode != "off"  # the timed batch then carries its views
     first = _resize_batch(next(iter(train_loader)), hw)
     out["image_size"] = list(first[0].shape[-2:])
     if args.loader_only:
@@ -114,7 +140,13 @@ def run_classification(case: str, args, device, tmp: str) -> Dict:
         return out
 
     trainer = _build_trainer(cfg, case)
-    step = lambda: trainer.train_step(first, 1)  # noqa: E731
+    before = _attach_cache(cfg, trainer, train_loader, first, cache_mode, tmp) if cache_mode != "off" else None
+
+    def step():
+        if before is not None:
+            before()
+        return trainer.train_step(first, 1)
+
     out.update(measure(step, warmup, steps, batch, device))
     out.update(warmup=warmup, steps=steps, fold_teacher_bn=bool(cfg.SOLVER.FOLD_TEACHER_BN),
                channels_last=bool(trainer.channels_last), amp=str(cfg.SOLVER.AMP), compile=bool(cfg.SOLVER.COMPILE))
@@ -123,7 +155,7 @@ def run_classification(case: str, args, device, tmp: str) -> Dict:
         return out
     if device.type == "cpu" and not args.no_mem_probe:
         out["peak_mem_mb"] = run_child(args, case, args.path, probe=True)["peak_mem_mb"]
-    if hw is None:  # the whole loop, loader included
+    if hw is None and cache_mode == "off":  # the whole loop, loader included (its batches would miss)
         def loop():
             n = 0
             for b in train_loader:
@@ -149,5 +181,5 @@ def run_classification(case: str, args, device, tmp: str) -> Dict:
     if case == "a" and args.mdistiller:
         from .mdistiller import compare_mdistiller
 
-        out.update(compare_mdistiller(args, trainer, first, cfg, warmup, steps, device))
+        out.update(compare_mdistiller(args, trainer, first, cfg, warmup, steps, device, before_step=before))
     return out

@@ -6,17 +6,20 @@ import statistics
 import sys
 import time
 import types
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 from .measure import summarize, time_steps
 
 
-def compare_mdistiller(args, trainer, batch, cfg, warmup: int, steps: int, device) -> Dict:
+def compare_mdistiller(args, trainer, batch, cfg, warmup: int, steps: int, device,
+                       before_step: Optional[Callable[[], None]] = None) -> Dict:
     """Alternate rounds of our trainer step and mdistiller's DKD step on the same in-memory batch.
 
     mdistiller's step is its ``DKD`` distiller's forward, backward and SGD step
     (its trainer's ``optimizer.zero_grad(); loss.backward(); optimizer.step()``),
-    with the same weights, batch and thread count. Returns the median ratio.
+    with the same weights, batch and thread count. ``before_step`` runs inside
+    each of our timed steps (a cold teacher cache clears the batch's entries).
+    Returns the median ratio.
     """
     import torch
 
@@ -58,10 +61,14 @@ def compare_mdistiller(args, trainer, batch, cfg, warmup: int, steps: int, devic
         opt.step()
         return loss.detach()
 
+    def our_step():
+        if before_step is not None:
+            before_step()
+        return trainer.train_step(batch, epoch)
+
     # Same loss on the first step (before either updates): both compute the same thing.
-    ours_loss = float(trainer.train_step(batch, epoch)["loss"])
+    ours_loss = float(our_step()["loss"])
     md_loss = float(their_step())
-    our_step = lambda: trainer.train_step(batch, epoch)  # noqa: E731
     time_steps(our_step, warmup, 0, device)
     time_steps(their_step, warmup, 0, device)
     ratios, cpu_ratios, ours_ips, md_ips = [], [], [], []

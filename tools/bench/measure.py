@@ -134,7 +134,8 @@ def run_child(args, case: str, path: str, probe: bool) -> Dict:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     for flag, value in (("--steps", None if probe else args.steps), ("--warmup", None if probe else args.warmup),
                         ("--batch-size", args.batch_size), ("--image-size", args.image_size),
-                        ("--threads", args.threads), ("--workers", args.workers)):
+                        ("--threads", args.threads), ("--workers", args.workers),
+                        ("--teacher-cache", getattr(args, "teacher_cache", "off"))):
         if value is not None:
             cmd += [flag, str(value)]
     cmd += ["--det-opts"] + list(args.det_opts) if args.det_opts else []

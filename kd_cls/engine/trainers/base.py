@@ -10,8 +10,9 @@ overriding only
   ``sum(l.mean())``, step; returns that total).
 
 Batches are ``(image, target)``, ``(image, target, index)`` or ``(image,
-target, index, contrastive_index)``; the distiller is called as
-``distiller(image=, target=, epoch=, [index=, contrastive_index=])``.
+target, index, contrastive_index)``, or named tuples (``ViewBatch``: ``image,
+target, index, view``) whose extras pass by their names; the distiller is
+called as ``distiller(image=, target=, epoch=, [index=, contrastive_index=, view=])``.
 Everything around the step (evaluation, checkpoints, logging, the NaN guard)
 is a hook (:mod:`kd_cls.engine.hooks`).
 """
@@ -151,7 +152,8 @@ class BaseTrainer(TrainLoop):
         image = image.contiguous(memory_format=fmt) if image.dim() == 4 else image
         target = target.to(self.device, non_blocking=True)
         extras = {}
-        for name, value in zip(("index", "contrastive_index"), batch[2:4]):
+        names = getattr(batch, "_fields", ("image", "target", "index", "contrastive_index"))
+        for name, value in zip(names[2:], batch[2:]):
             extras[name] = value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
         return image, target, extras
 
