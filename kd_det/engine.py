@@ -32,6 +32,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from kd_cls.checkpoint_io import remove_stale_temp_files
+
 from .build import build_kd_model
 from .checkpoint import KDCheckpointer, export_student
 from .teacher_cfg import build_teacher_cfg
@@ -99,6 +101,8 @@ class KDTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        if comm.is_main_process() and os.path.isdir(cfg.OUTPUT_DIR):
+            remove_stale_temp_files(cfg.OUTPUT_DIR)  # of checkpoint writes a kill interrupted
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)

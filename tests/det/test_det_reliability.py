@@ -149,6 +149,36 @@ def test_checkpoints_hold_the_teacher_source_not_its_tensors(train_net, shapes_r
         train_net.KDTrainer(cfg).resume_or_load(resume=True)
 
 
+@pytest.mark.slow
+def test_ctrl_c_and_stale_temporary_files(shapes_root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".model_0000009.pth.tmp4242").write_bytes(b"partial")  # a write a kill interrupted
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", R18_R101] + TINY_OPTS + \
+        SHAPES + ["TEACHER.MODEL.RESNETS.DEPTH", "18", "TEACHER.MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                  "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "100000", "SOLVER.CHECKPOINT_PERIOD", "3",
+                  "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=shapes_root)
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (out / "model_0000002.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error: interrupted") and "--resume" in lines[-1]
+    assert not any(l.startswith("Traceback") for l in lines)
+    assert not (out / ".model_0000009.pth.tmp4242").exists()
+    assert torch.load(str(out / "model_0000002.pth"), weights_only=False)["iteration"] == 2
+
+
 def test_save_teacher_writes_the_teacher(tmp_path):
     from kd_det.checkpoint import KDCheckpointer
 
