@@ -138,4 +138,4 @@ def build_kd_model(cfg) -> nn.Module:
         model = META_ARCH_REGISTRY.get(arch)(cfg)
     if cfg.KD.FAST_ROI_ALIGN:
         use_fast_roi_align(model)
-    return model
+    return model.to(torch.device(cfg.MODEL.DEVICE))  # as detectron2's build_model: the KD modules too
