@@ -154,21 +154,3 @@ def test_teacher_not_loaded_stops_training(coco_root, tmp_path):
     with pytest.raises(kd_det.TeacherNotLoadedError, match="teacher is not loaded"):
         trainer.resume_or_load(resume=False)
 
-
-def test_demo_prints_three_aps(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("demo_det", os.path.join(REPO, "tools", "demo_det.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    threads = torch.get_num_threads()
-    try:
-        aps = demo.main(
-            ["--out", str(tmp_path), "--teacher-iters", "2", "--student-iters", "1",
-             "--num-train", "4", "--num-val", "2", "--image-size", "64"]
-        )
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert set(aps) == {"teacher", "student_kd", "student"}
-    for line in ("teacher  (R-18-FPN)", "student  (MV2-FPN) + ReviewKD", "student  (MV2-FPN), no KD"):
-        assert line in out
-    assert os.path.isfile(os.path.join(str(tmp_path), "student_reviewkd", STUDENT_FILE))
