@@ -12,8 +12,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kd_det.data.shapes import make_shapes_dataset  # noqa: E402
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,6 +24,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     a = p.parse_args(argv)
+    from kd_det.data.shapes import make_shapes_dataset  # after parsing: --help answers without detectron2
+
     out = make_shapes_dataset(a.root, a.num_train, a.num_val, a.image_size, a.categories, seed=a.seed)
     for split, (js, img) in out.items():
         print(f"{split}: {js} ({img})")

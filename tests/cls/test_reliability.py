@@ -196,7 +196,7 @@ def test_kills_at_many_points_lose_or_double_no_epoch(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     # Each entry kills one attempt at the k-th call (a rename ending an atomic write, or half-way through a
     # worklog block); every attempt after the first resumes. A run that ends before the k-th call exits 0.
-    plan = [("replace", 2), ("write", 1), ("replace", 4), ("replace", 3), ("write", 2), ("replace", 6), (None, 0)]
+    plan = [("replace", 2), ("write", 1), ("replace", 4), ("write", 2), (None, 0)]
     kills = 0
     for i, (what, k) in enumerate(plan):
         cmd = [sys.executable, str(script), what or "replace", str(k or 10 ** 6), *args] + (["--resume"] if i else [])
@@ -206,7 +206,7 @@ def test_kills_at_many_points_lose_or_double_no_epoch(tmp_path):
         run = _run_dir(tmp_path)
         if os.path.isfile(os.path.join(run, "latest")):
             _check_run_state(run, n_epochs)
-    assert kills >= 5
+    assert kills >= 3
     assert _worklog_epochs(run) == list(range(1, n_epochs + 1))
     assert load_checkpoint(os.path.join(run, "latest"))["epoch"] == n_epochs
     assert not [f for f in os.listdir(run) if ".tmp" in f]

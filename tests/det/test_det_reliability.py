@@ -112,26 +112,26 @@ def test_checkpoints_hold_the_teacher_source_not_its_tensors(train_net, shapes_r
     torch.save({"model": build_kd_model(base).teacher.state_dict()}, teacher_file)
     out = str(tmp_path / "run")
     opts = TINY_OPTS + SHAPES + ["KD.ALLOW_RANDOM_TEACHER", "False", "MODEL.WEIGHTS", "", "TEACHER.MODEL.WEIGHTS",
-                                teacher_file, "SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "10",
+                                teacher_file, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2",
                                 "DATASETS.TEST", "()", "OUTPUT_DIR", out]
     parse = train_net.build_parser().parse_args
     train_net.main(parse(["--config-file", R18_R101] + opts))
     saved = _files(out) + ["model_final.pth"]
-    assert _files(out) == ["model_0000009.pth", "model_0000019.pth", "model_0000029.pth", "model_0000039.pth"]
+    assert _files(out) == ["model_0000001.pth", "model_0000003.pth", "model_0000005.pth"]
     for name in saved:
         ckpt = torch.load(os.path.join(out, name), weights_only=False)
         assert not [k for k in ckpt["model"] if k.startswith("teacher.")], name
         assert ckpt["teacher_source"]["path"] == os.path.abspath(teacher_file)
         assert any(k.startswith("kd_trans.") for k in ckpt["model"])
         assert "optimizer" in ckpt["trainer"]["_trainer"] and "LRScheduler" in ckpt["trainer"]["hooks"]
-    # Resume from the 20th iteration: the teacher comes back from its file and gives the same outputs.
+    # Resume from the 4th iteration: the teacher comes back from its file and gives the same outputs.
     with open(os.path.join(out, "last_checkpoint"), "w") as f:
-        f.write("model_0000019.pth")
+        f.write("model_0000003.pth")
     cfg = train_net.setup(parse(["--config-file", R18_R101, "--resume"] + opts[:-2] + ["OUTPUT_DIR", out,
                                                                                       "TEACHER.MODEL.WEIGHTS", ""]))
     trainer = train_net.KDTrainer(cfg)
     trainer.resume_or_load(resume=True)
-    assert trainer.start_iter == 20
+    assert trainer.start_iter == 4
     assert trainer.optimizer.state  # the momentum buffers came back too
     reference = build_kd_model(base).teacher
     reference.load_state_dict(torch.load(teacher_file)["model"])
