@@ -215,11 +215,7 @@ def get_teacher(a, out: str, seed: int):
 
 def write_rows(out_dir: str, rows) -> str:
     """``out_dir/results.json`` with these rows; rows of another metric (the detection demo's) are kept."""
-    kept = []
-    if os.path.isfile(os.path.join(out_dir, demo_report.RESULTS_FILE)):
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            kept = [r for r in demo_report.read_results(out_dir) if r.get("metric") != "top1"]
-    return demo_report.write_results(out_dir, kept + list(rows))
+    return demo_report.replace_rows(out_dir, rows, "top1")
 
 
 def run_demo(a) -> dict:

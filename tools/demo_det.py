@@ -274,13 +274,9 @@ def setup_logs(det_dir: str, verbose: bool) -> None:
 
 def write_rows(out_dir: str, rows, metric: str = "box_AP") -> str:
     """DIR/results.json with these rows; rows of another metric (the classification demo's) are kept."""
-    from demo_report import RESULTS_FILE, read_results, write_results
+    from demo_report import replace_rows
 
-    kept = []
-    if os.path.isfile(os.path.join(out_dir, RESULTS_FILE)):
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            kept = [r for r in read_results(out_dir) if r.get("metric") != metric]
-    return write_results(out_dir, kept + list(rows))
+    return replace_rows(out_dir, rows, metric)
 
 
 def main(argv=None):

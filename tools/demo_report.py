@@ -18,7 +18,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["Row", "write_results", "read_results", "summarize", "format_table", "plot_results", "RESULTS_FILE"]
+__all__ = ["Row", "write_results", "read_results", "replace_rows", "summarize", "format_table", "plot_results", "RESULTS_FILE"]
 
 RESULTS_FILE = "results.json"
 Row = Dict[str, object]
@@ -49,6 +49,27 @@ def write_results(out_dir: str, rows: Sequence[Row]) -> str:
 def read_results(out_dir: str) -> List[Row]:
     with open(os.path.join(out_dir, RESULTS_FILE)) as f:
         return json.load(f)["rows"]
+
+
+def replace_rows(out_dir: str, rows: Sequence[Row], metric: str) -> str:
+    """``out_dir/results.json`` with ``rows`` in place of its rows of ``metric``; the other demo's rows stay.
+
+    ``make demo`` runs both demos side by side into one folder: a lock on the folder serialises their
+    read-modify-writes, so neither loses the other's rows."""
+    import contextlib
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        kept = []
+        if os.path.isfile(os.path.join(out_dir, RESULTS_FILE)):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                kept = [r for r in read_results(out_dir) if r.get("metric") != metric]
+        return write_results(out_dir, kept + list(rows))
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _std(values: Sequence[float]) -> float:
