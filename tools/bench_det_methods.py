@@ -185,6 +185,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     a = p.parse_args(argv)
+    if a.methods == p.get_default("methods"):  # "all": those that serve at least one of the chosen families
+        a.methods = [m for m in a.methods if any(serves(m, f) for f in a.families)]
     D.check_args(p, a, families=tuple(a.families))
     import torch
 

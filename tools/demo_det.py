@@ -134,6 +134,9 @@ def build_parser(prog="tools/demo_det.py", description=__doc__, epilog=EXAMPLES,
     return p
 
 
+FAMILY_STUDENTS = {"rcnn": "a Faster R-CNN", "retinanet": "a RetinaNet", "fcos": "an FCOS"}
+
+
 def check_args(p, a, families=("rcnn",)):
     """One-line errors for bad values, before anything is written."""
     from kd_det.methods import KD_METHODS
@@ -147,8 +150,9 @@ def check_args(p, a, families=("rcnn",)):
         if m not in known:
             p.error(f"unknown method {m!r}. Valid choices: {', '.join(known)}")
         fams = KD_METHODS.get(m).STUDENT_FAMILIES
-        if families == ("rcnn",) and fams is not None and "rcnn" not in fams:
-            p.error(f"method {m} does not serve a Faster R-CNN student (it serves {', '.join(fams)})")
+        if fams is not None and not set(fams) & set(families):
+            student = " or ".join(FAMILY_STUDENTS[f] for f in families)
+            p.error(f"method {m} does not serve {student} student (it serves {', '.join(fams)})")
     if len(set(a.methods)) != len(a.methods) or "vanilla" in a.methods:
         p.error(f"--methods {' '.join(a.methods)}: give each method once (vanilla always runs)")
     out = os.path.abspath(a.out)
