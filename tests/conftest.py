@@ -11,6 +11,12 @@ torch.manual_seed(0)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(config, items):
+    # The slow tests first: with two workers taking tests as they free up, a long test started last
+    # leaves the other worker idle at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def repo_root():
     return REPO

@@ -46,6 +46,7 @@ def test_digits_round_trip(in_tmp_cwd, capsys):
     assert RESULT.match(lines[-1]), lines[-1]
 
 
+@pytest.mark.slow
 def test_seed_readme_commands_stop_clearly_without_data(in_tmp_cwd):
     cmds = [
         [os.path.join(REPO, "tools", "train.py"), "--cfg", DKD, "SOLVER.BATCH_SIZE", "128", "SOLVER.LR", "0.1"],

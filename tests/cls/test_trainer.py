@@ -205,6 +205,7 @@ def test_wandb_failure_is_a_warning(tmp_path, monkeypatch):
     assert "test_acc: 1.00" in (tmp_path / "worklog.txt").read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, repo_root):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(repo_root, "tools", "train.py"), *map(str, TINY), "SOLVER.EPOCHS", "1",

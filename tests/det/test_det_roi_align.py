@@ -52,8 +52,9 @@ def test_gradient_equals_torchvision(aligned, sampling_ratio):
     assert torch.equal(y_ref, y_fast)  # the forward is torchvision's op
     assert g_ref.abs().max() > 1.0
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12)
-    xg = x.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: fast_pool(t, rois), (xg,))
+    # Finite differences cost one forward per input element: a smaller map, the same pooling.
+    small, small_rois = torch.randn(1, 2, 7, 9, dtype=torch.float64, requires_grad=True), _rois(6, 1, 7, 9, 0.25)
+    assert torch.autograd.gradcheck(lambda t: fast_pool(t, small_rois), (small,))
 
 
 def test_single_sample_by_hand():

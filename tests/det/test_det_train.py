@@ -91,6 +91,7 @@ def _train_net():
     return mod
 
 
+@pytest.mark.slow
 def test_resume_eval_and_student_file(coco_root, tmp_path):
     train_net = _train_net()
     out = str(tmp_path / "run")

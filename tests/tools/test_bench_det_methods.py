@@ -34,6 +34,7 @@ def test_serves(bench):
     assert set(KD_METHODS.names()) >= {"DKD", "CrossKD", "FGD"}
 
 
+@pytest.mark.slow
 def test_tiny_table_then_rerun_keeps_the_runs(bench, tmp_path, capsys):
     out, md = tmp_path / "b", tmp_path / "docs" / "t.md"
     argv = TINY + ["--families", "rcnn", "retinanet", "--methods", "DKD", "CrossKD", "FGD", "--out", str(out),

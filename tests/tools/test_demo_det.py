@@ -44,6 +44,7 @@ def _check_schema(rows, methods, seeds):
         assert sorted(r["seed"] for r in students if r["method"] == m) == seeds, m
 
 
+@pytest.mark.slow
 def test_demo_tiny_then_cached_teacher(demo, tmp_path, capsys):
     out = tmp_path / "demo"
     rows = _run(demo, TINY + ["--out", str(out), "--seeds", "2", "--first-seed", "5", "--methods", "FGD", "PKD"])

@@ -54,6 +54,7 @@ def test_help_has_description_examples_and_option_help(path, monkeypatch):
     assert not bare, f"{path}: options without help: {bare}"
 
 
+@pytest.mark.slow
 def test_help_prints_nothing_on_stderr():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {p: subprocess.Popen([sys.executable, p, "--help"], cwd=REPO, env=env, stdout=subprocess.PIPE,
