@@ -11,8 +11,10 @@ nothing); the files are what the loaders read from a real download:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
+from types import ModuleType
 from typing import List, Tuple
 
 import numpy as np
@@ -100,3 +102,11 @@ def make_tiny_imagenet_tree(root: str, classes: int = 2, per_class: int = 2, val
     with open(os.path.join(base, "wnids.txt"), "w") as f:
         f.write("\n".join(names) + "\n")
     return base
+
+
+def load_script(path: str, name: str) -> ModuleType:
+    """A script that is not in a package (``tools/*.py``) imported as module ``name``, for tests to call."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,6 +1,5 @@
 """kd_det bad input is one line, exit 2, no OUTPUT_DIR; checkpoints hold the teacher's source, not its
 tensors; TorchScript and the missing compiled ops behave as detectron2's."""
-import importlib.util
 import os
 import shutil
 
@@ -18,6 +17,7 @@ from kd_det.compat import MissingCompiledOpError, using_placeholder_ops  # noqa:
 from kd_det.data import register_shapes  # noqa: E402
 from kd_det.data.shapes import make_shapes_dataset  # noqa: E402
 from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
+from kd_cls.testing import load_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET = os.path.join(REPO, "configs", "detection")
@@ -29,10 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "tools", "train_net.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "train_net.py"), "train_net")
 
 
 @pytest.fixture(scope="module")

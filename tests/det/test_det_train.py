@@ -1,5 +1,4 @@
 """Training through tools/train_net.py's trainer: every distillation config, resume, student export."""
-import importlib.util
 import math
 import os
 
@@ -17,6 +16,7 @@ from kd_det.data import register_builtin_coco  # noqa: E402
 from kd_det.data.shapes import make_shapes_dataset  # noqa: E402
 from kd_det.engine import STUDENT_FILE, KDTrainer  # noqa: E402
 from kd_det.testing import TINY_OPTS  # noqa: E402
+from kd_cls.testing import load_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET_CFGS = os.path.join(REPO, "configs", "detection")
@@ -85,10 +85,7 @@ def _umask():
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "tools", "train_net.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "train_net.py"), "train_net")
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """tools/train_net.py end to end for RetinaNet and FCOS pairs (train, resume, evaluate, --eval-teacher),
 and a two-process DDP run on the CPU (gloo, torchrun)."""
-import importlib.util
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ from kd_det.data import register_shapes  # noqa: E402
 from kd_det.data.shapes import make_shapes_dataset  # noqa: E402
 from kd_det.engine import STUDENT_FILE  # noqa: E402
 from kd_det.testing import TINY_OPTS  # noqa: E402
+from kd_cls.testing import load_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET = os.path.join(REPO, "configs", "detection")
@@ -39,10 +39,7 @@ def shapes_root(tmp_path_factory):
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "tools", "train_net.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "train_net.py"), "train_net")
 
 
 def _opts(family, out):

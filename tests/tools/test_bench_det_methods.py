@@ -1,11 +1,11 @@
 """tools/bench_det_methods.py in a tiny setting: n/a cells, rows per family, the rerun that keeps them."""
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 import torch
+from kd_cls.testing import load_script
 
 pytest.importorskip("detectron2")
 
@@ -18,10 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_det_methods", os.path.join(REPO, "tools", "bench_det_methods.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "bench_det_methods.py"), "bench_det_methods")
 
 
 def test_serves(bench):

@@ -1,9 +1,9 @@
 """tools/benchmark.py runs every case on the CPU with tiny settings and reports the promised fields."""
-import importlib.util
 import json
 import os
 
 import pytest
+from kd_cls.testing import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REQUIRED = ("case", "device", "images_per_s", "step_ms_mean", "step_ms_p90", "peak_mem_mb")
@@ -11,10 +11,7 @@ REQUIRED = ("case", "device", "images_per_s", "step_ms_mean", "step_ms_p90", "pe
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("kd_benchmark", os.path.join(REPO, "tools", "benchmark.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "benchmark.py"), "kd_benchmark")
 
 
 @pytest.fixture

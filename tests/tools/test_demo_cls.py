@@ -1,10 +1,10 @@
 """tools/demo.py in a tiny setting: results.json follows the schema, the PNG and the table are made, a second
 run reuses the cached teacher, a changed teacher config retrains it, and bad input writes nothing."""
-import importlib.util
 import json
 import os
 
 import pytest
+from kd_cls.testing import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--teacher-epochs", "1", "--student-epochs", "1", "--seeds", "2", "--first-seed", "7",
@@ -14,10 +14,7 @@ KEYS = {"role", "model", "method", "seed", "metric", "value"}
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("kd_demo_cls", os.path.join(REPO, "tools", "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "demo.py"), "kd_demo_cls")
 
 
 def _rows(out):

@@ -1,11 +1,11 @@
 """tools/demo_det.py in a tiny setting: results.json schema, the PNG, the table, the cached teacher."""
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 import torch
+from kd_cls.testing import load_script
 
 pytest.importorskip("detectron2")
 
@@ -17,10 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("demo_det", os.path.join(REPO, "tools", "demo_det.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "demo_det.py"), "demo_det")
 
 
 def _run(demo, argv):

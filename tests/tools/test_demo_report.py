@@ -7,16 +7,14 @@ import multiprocessing
 import os
 
 import pytest
+from kd_cls.testing import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("demo_report", os.path.join(REPO, "tools", "demo_report.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(REPO, "tools", "demo_report.py"), "demo_report")
 
 
 def _row(method, seed, value, metric="top1"):
