@@ -17,12 +17,14 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.sh
 venv: $(STAMP)
 
 # The two demos run side by side, one thread each: on 2 cores the pair takes the time of the longer one.
-# The detection demo's lines go to its log and are printed when it ends.
+# The detection demo's lines go to its log and are printed when it ends. A job started with & ignores
+# Ctrl-C, so the trap stops it when the demo is interrupted.
 DEMO_DET_LOG ?= demo_output/demo_det.log
 demo: venv
 	@mkdir -p $(dir $(DEMO_DET_LOG))
 	@echo "the detection demo runs alongside; its log: $(DEMO_DET_LOG)"
 	@$(PY) tools/demo_det.py $(DEMO_DET_ARGS) > $(DEMO_DET_LOG) 2>&1 & det=$$!; \
+	trap 'kill $$det 2>/dev/null; echo "demo interrupted; the detection demo was stopped too" >&2; exit 130' INT TERM; \
 	$(PY) tools/demo.py $(DEMO_ARGS); cls=$$?; \
 	echo; echo "waiting for the detection demo ($(DEMO_DET_LOG)) ..."; \
 	wait $$det; status=$$?; cat $(DEMO_DET_LOG); \
