@@ -55,8 +55,8 @@ Runs go to OUT/cls/teacher/ (the cache) and OUT/cls/students/ (cleared at each s
 the settings and how they were chosen are in docs/demos.md."""
 
 # The chosen settings (docs/demos.md, "Classification demo", has the selection log).
-DEFAULTS = dict(seeds=5, teacher="resnet20", student="resnet8", teacher_epochs=15, student_epochs=25,
-                train_size=400, teacher_train_size=NUM_TRAIN, lr=0.1, batch_size=16, teacher_lr=0.1, teacher_batch_size=16)
+DEFAULTS = dict(seeds=5, teacher="resnet20", student="resnet8", teacher_epochs=15, student_epochs=50,
+                train_size=200, teacher_train_size=NUM_TRAIN, lr=0.1, batch_size=16, teacher_lr=0.1, teacher_batch_size=16)
 KD_OPTS = ["KD.TEMPERATURE", 4, "KD.LOSS.CE_WEIGHT", 0.1, "KD.LOSS.KD_WEIGHT", 0.9]
 DKD_OPTS = ["DKD.CE_WEIGHT", 1.0, "DKD.ALPHA", 1.0, "DKD.BETA", 1.0, "DKD.T", 4.0]
 # DKD ramps its loss up over its first epochs (20 of the paper's 240). From scratch on 25 epochs, the ramp
