@@ -59,9 +59,9 @@ DEFAULTS = dict(seeds=5, teacher="resnet20", student="resnet8", teacher_epochs=1
                 train_size=200, teacher_train_size=NUM_TRAIN, lr=0.1, batch_size=16, teacher_lr=0.1, teacher_batch_size=16)
 KD_OPTS = ["KD.TEMPERATURE", 4, "KD.LOSS.CE_WEIGHT", 0.1, "KD.LOSS.KD_WEIGHT", 0.9]
 DKD_OPTS = ["DKD.CE_WEIGHT", 1.0, "DKD.ALPHA", 1.0, "DKD.BETA", 1.0, "DKD.T", 4.0]
-# DKD ramps its loss up over its first epochs (20 of the paper's 240). From scratch on 25 epochs, the ramp
+# DKD ramps its loss up over its first epochs (20 of the paper's 240). From scratch on a short run, the ramp
 # over a fifth of the run and BETA 1 were chosen on the selection seeds: BETA 8, mdistiller's CIFAR value,
-# with the paper's 20/240 ramp collapsed to ~50% top-1 (docs/demos.md).
+# with the paper's 20/240 ramp collapsed to ~50% top-1 on 25 epochs (docs/demos.md).
 DKD_WARMUP_FRACTION = 0.2
 
 
