@@ -8,6 +8,9 @@ nothing); the files are what the loaders read from a real download:
 * :func:`make_imagenet_tree`: ``<root>/imagenet/{train,val}/<wnid>/*.JPEG``;
 * :func:`make_tiny_imagenet_tree`: ``<root>/tiny-imagenet-200`` as distributed
   (``train/<wnid>/images``, ``val/images`` + ``val/val_annotations.txt``, ``wnids.txt``).
+
+Two helpers for tests that drive the tools: :func:`load_script` imports a ``tools/*.py`` script, and
+:func:`default_sigint` lets a child process started for a Ctrl-C test receive it.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-__all__ = ["wnids", "write_cifar100", "make_imagenet_tree", "make_tiny_imagenet_tree"]
+__all__ = ["wnids", "write_cifar100", "make_imagenet_tree", "make_tiny_imagenet_tree", "load_script", "default_sigint"]
 
 
 def wnids(n: int) -> List[str]:
@@ -110,3 +113,11 @@ def load_script(path: str, name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test will interrupt: a shell starts background jobs (CI's, say) with
+    SIGINT ignored and a child inherits that, so without this the test's Ctrl-C would never reach it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,6 +16,7 @@ import torch
 from kd_cls.checkpoint_io import atomic_save, load_checkpoint
 from kd_cls.engine.cli import eval_main, train_main
 from kd_cls.models import build_model
+from kd_cls.testing import default_sigint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VANILLA = os.path.join(REPO, "configs", "cifar100", "vanilla.yaml")
@@ -212,21 +213,13 @@ def test_kills_at_many_points_lose_or_double_no_epoch(tmp_path):
     assert not [f for f in os.listdir(run) if ".tmp" in f]
 
 
-def _default_sigint():
-    """Run in the child before exec: a shell starts background jobs with SIGINT ignored, and a child
-    inherits that, so without this the Ctrl-C these tests send would never reach the run."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path):
     args = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--cfg", VANILLA, *TINY,
             "EXPERIMENT.PROJECT", "distill", "EXPERIMENT.NAME", "run", "SOLVER.EPOCHS", "200"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+                            preexec_fn=default_sigint)
     deadline = time.time() + 180
     while not os.path.isfile(os.path.join(_run_dir(tmp_path), "latest")) and time.time() < deadline \
             and proc.poll() is None:

@@ -17,7 +17,7 @@ from kd_det.compat import MissingCompiledOpError, using_placeholder_ops  # noqa:
 from kd_det.data import register_shapes  # noqa: E402
 from kd_det.data.shapes import make_shapes_dataset  # noqa: E402
 from kd_det.testing import TINY_OPTS, synthetic_batch  # noqa: E402
-from kd_cls.testing import load_script  # noqa: E402
+from kd_cls.testing import default_sigint, load_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET = os.path.join(REPO, "configs", "detection")
@@ -148,14 +148,6 @@ def test_checkpoints_hold_the_teacher_source_not_its_tensors(train_net, shapes_r
         train_net.KDTrainer(cfg).resume_or_load(resume=True)
 
 
-def _default_sigint():
-    """Run in the child before exec: a shell starts background jobs with SIGINT ignored, and a child
-    inherits that, so without this the Ctrl-C these tests send would never reach the run."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
 def test_ctrl_c_and_stale_temporary_files(shapes_root, tmp_path):
     import signal
@@ -172,7 +164,7 @@ def test_ctrl_c_and_stale_temporary_files(shapes_root, tmp_path):
                   "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=shapes_root)
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_default_sigint)
+                            text=True, preexec_fn=default_sigint)
     deadline = time.time() + 240
     while not (out / "model_0000002.pth").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

@@ -1,6 +1,5 @@
 """tools/demo_report.py: the table's paired gain and its standard error, and two demos writing one results.json
 at once (make demo runs them side by side) without losing each other's rows."""
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -31,9 +30,7 @@ def test_gain_is_the_mean_of_paired_differences_with_their_standard_error(report
 
 
 def _writer(report_path, out, metric, n):
-    spec = importlib.util.spec_from_file_location("demo_report_w", report_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(report_path, "demo_report_w")
     rows = []
     for i in range(n):
         rows.append(_row("vanilla", i, float(i), metric))

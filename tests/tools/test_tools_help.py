@@ -2,12 +2,12 @@
 stderr (no FutureWarning before the tool's own output)."""
 import argparse
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+from kd_cls.testing import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = sorted(p for p in glob.glob(os.path.join(REPO, "tools", "*.py"))
@@ -26,9 +26,7 @@ def _parser(path, monkeypatch):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     monkeypatch.syspath_prepend(os.path.dirname(path))
-    spec = importlib.util.spec_from_file_location(f"tool_{os.path.basename(path)[:-3]}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(path, f"tool_{os.path.basename(path)[:-3]}")
     entry = (getattr(mod, "build_parser", None) or getattr(mod, "parse_args", None) or getattr(mod, "main", None)
              or getattr(mod, "train_main", None) or getattr(mod, "eval_main", None))
     assert entry is not None, f"{path}: no build_parser/parse_args/main to call"
